@@ -1,0 +1,70 @@
+"""CLIP vision transformer, stopping at LLaVA's feature layer.
+
+Parameter names follow HF's `CLIPVisionModel` so that the weight table stays a plain rename. Only the layers up
+to the selected feature layer exist: the last layer and `post_layernorm` never influence LLaVA's output.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import dot_product_attention
+from .config import VisionConfig
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        cfg, dt = self.cfg, self.dtype
+        heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        dense = lambda n, name: nn.Dense(n, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+
+        h = norm("layer_norm1")(x)
+        split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)  # noqa: E731
+        q, k, v = (split(dense(cfg.hidden_size, n)(h)) for n in ("q_proj", "k_proj", "v_proj"))
+        attn = dot_product_attention(q, k, v).reshape(x.shape)
+        x = x + dense(cfg.hidden_size, "out_proj")(attn)
+
+        h = norm("layer_norm2")(x)
+        h = dense(cfg.hidden_size, "fc2")(quick_gelu(dense(cfg.intermediate_size, "fc1")(h)))
+        return x + h, None
+
+
+class CLIPVisionTower(nn.Module):
+    """pixel_values (n, 3, size, size) -> hidden state after `num_layers` encoder layers, (n, 1 + patches, dim)."""
+
+    cfg: VisionConfig
+    num_layers: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        cfg, dt = self.cfg, self.dtype
+        n, c, size, _ = pixel_values.shape
+        p, g = cfg.patch_size, size // cfg.patch_size
+        # The patch Conv2d (stride = kernel, no bias) as a matmul over flattened (channel, row, col) patches:
+        # the same order as torch's (out, in, kh, kw) weight flattened.
+        patches = pixel_values.astype(dt).reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(n, g * g, c * p * p)
+        x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, name="patch_embedding")(patches)
+        cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,), dt)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.hidden_size)), x], axis=1)
+        pos = self.param("position_embedding", nn.initializers.normal(1.0), (g * g + 1, cfg.hidden_size), dt)
+        x = x + pos[None]
+        x = nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name="pre_layrnorm")(x)
+        layers = nn.scan(
+            CLIPEncoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.num_layers,
+        )(cfg, dt, name="layers")
+        x, _ = layers(x, None)
+        return x

@@ -1,0 +1,119 @@
+"""Llama-family decoder (Vicuna, Mistral, Yi): RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU.
+
+Layers run under `nn.scan` with their weights stacked on a leading layer axis, so compile time does not grow
+with depth. Every call goes through a preallocated KV cache:
+
+    cache = {"k": (layers, batch, cache_len, kv_heads, head_dim), "v": same}
+
+A call with `s` new tokens writes their keys and values at cache slots [write_index, write_index + s) and
+attends over the whole cache, restricted by `kv_mask` (batch, cache_len): True where a slot holds a real token
+(left padding and unwritten slots are False). Prefill is a call with the prompt at write_index 0, a decode step
+a call with one token.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import dot_product_attention
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (batch, seq, head_dim) for integer positions (batch, seq), HF's layout."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (batch, seq, heads, head_dim); rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, rope, mask, write_index):
+        cfg, dt = self.cfg, self.dtype
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        batch, seq, _ = x.shape
+        hd = cfg.head_dim
+
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
+        q = dense(cfg.num_heads * hd, "q_proj")(h).reshape(batch, seq, cfg.num_heads, hd)
+        k = dense(cfg.num_kv_heads * hd, "k_proj")(h).reshape(batch, seq, cfg.num_kv_heads, hd)
+        v = dense(cfg.num_kv_heads * hd, "v_proj")(h).reshape(batch, seq, cfg.num_kv_heads, hd)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), write_index, 1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), write_index, 1)
+        attn = dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask)
+        x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(batch, seq, -1))
+
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
+        h = nn.silu(dense(cfg.intermediate_size, "gate_proj")(h)) * dense(cfg.intermediate_size, "up_proj")(h)
+        x = x + dense(cfg.hidden_size, "down_proj")(h)
+        return x, {"k": cache_k, "v": cache_v}
+
+
+def attention_mask(kv_mask, write_index, seq_len):
+    """(batch, 1, seq, cache_len) bool: causal over cache slots, restricted to valid slots."""
+    cache_len = kv_mask.shape[-1]
+    q_slot = write_index + jnp.arange(seq_len)
+    causal = jnp.arange(cache_len)[None, :] <= q_slot[:, None]
+    return (causal[None] & kv_mask[:, None, :])[:, None]
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LlamaDecoder(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg, dt = self.cfg, self.dtype
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt)
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, dt)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dt)
+        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, embeds, positions, kv_mask, cache, write_index):
+        """Run the layers on `embeds` (batch, seq, hidden); returns final-normed hidden states and the cache."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        mask = attention_mask(kv_mask, write_index, embeds.shape[1])
+        x, cache = self.layers(embeds.astype(self.dtype), cache, (cos, sin), mask, write_index)
+        return self.norm(x), cache
+
+    def logits(self, hidden):
+        return self.lm_head(hidden).astype(jnp.float32)

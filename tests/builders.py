@@ -1,0 +1,82 @@
+"""Small random-weight LLaVA checkpoints built with transformers, for parity tests (no hub access).
+
+HF's default init (std 0.02) gives nearly flat logits that hide errors, so `randomize_` redraws every weight at
+a scale that keeps activations of order one: Linear weights ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2),
+biases ~ N(0, 0.1^2), embeddings ~ N(0, 1). Logits then are of order one and vary across positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    MistralConfig,
+)
+
+IMAGE_TOKEN = 250
+VOCAB = 256
+
+
+def vision_config(**kw) -> CLIPVisionConfig:
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                patch_size=14, projection_dim=16)
+    return CLIPVisionConfig(**{**base, **kw})
+
+
+def text_config(kind: str = "mha", **kw):
+    """kind "mha": Llama, heads == kv heads, theta 1e4; "gqa": Mistral-style, 4 heads / 2 kv, theta 1e6."""
+    if kind == "mha":
+        base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, rope_theta=1e4, rms_norm_eps=1e-5,
+                    max_position_embeddings=512, tie_word_embeddings=False)
+        return LlamaConfig(**{**base, **kw})
+    if kind == "gqa":
+        base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-5,
+                    max_position_embeddings=512, sliding_window=None, tie_word_embeddings=False)
+        return MistralConfig(**{**base, **kw})
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        elif "norm" in name or "layrnorm" in name:
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        elif p.ndim >= 2 and "embed" not in name:
+            fan_in = math.prod(p.shape[1:])
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        else:  # embeddings, class embedding, image_newline
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+def build_llava(kind="llava", text="mha", strategy="default", seed=0, vision=None, **cfg_kw):
+    """An eval-mode HF LLaVA (1.5 for kind="llava", NeXT for "llava_next") with randomized weights."""
+    vc = vision or vision_config()
+    tc = text_config(text)
+    if kind == "llava":
+        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                          vision_feature_select_strategy=strategy, tie_word_embeddings=False, **cfg_kw)
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        cfg_kw.setdefault("image_grid_pinpoints", [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]])
+        cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
+                              vision_feature_select_strategy=strategy, tie_word_embeddings=False, **cfg_kw)
+        model = LlavaNextForConditionalGeneration(cfg)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def save(model, path) -> str:
+    model.save_pretrained(path)
+    return str(path)

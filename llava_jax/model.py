@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LlavaConfig, load_config
+from .errors import InputError
+from .generate import Decoder, scatter_image_features
+from .image import AnyResPlan, anyres_plan
 from .llama import init_cache
 from .llava import Llava, merge_image_features
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class InputError(ValueError):
-    """Inputs that do not fit the model: image/token count mismatches, bad shapes, prompts too long."""
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -70,28 +69,61 @@ class LlavaModel:
 
     # ---- jitted stages (one compiled program per input shape) ----
     @functools.cached_property
-    def _encode_images(self):
-        return jax.jit(lambda p, px: self.module.apply({"params": p}, px, method=Llava.encode_images))
+    def _encode_pack(self):
+        """Vision tower + projector + packing for one image: one program per crop count (pinpoint)."""
 
-    @functools.cached_property
-    def _pack_features(self):
-        return jax.jit(lambda p, f, i: self.module.apply({"params": p}, f, i, method=Llava.pack_features))
+        def run(params, crops, feature_index):
+            apply = functools.partial(self.module.apply, {"params": params})
+            feats = apply(crops, method=Llava.encode_images)
+            return apply(feats.reshape(-1, feats.shape[-1]), feature_index, method=Llava.pack_features)
+
+        return jax.jit(run)
 
     @functools.cached_property
     def _full_forward(self):
-        def run(params, input_ids, features, flat_positions, positions, kv_mask):
+        def run(params, input_ids, features, feature_positions, positions, kv_mask):
             apply = functools.partial(self.module.apply, {"params": params})
             embeds = apply(input_ids, method=Llava.embed)
-            embeds = merge_image_features(embeds, features, flat_positions)
+            embeds = merge_image_features(embeds, features, feature_positions)
             cache = init_cache(self.config.text, *input_ids.shape, self.dtype)
             hidden, _ = apply(embeds, positions, kv_mask, cache, 0, method=Llava.decode)
             return apply(hidden, method=Llava.logits)
 
         return jax.jit(run)
 
+    @functools.cached_property
+    def decoder(self) -> Decoder:
+        """The jitted prefill / decode programs used by `generate`."""
+        return Decoder(self.module, self.config)
+
     # ---- images ----
-    def image_features(self, pixel_values, image_sizes=None) -> list[jax.Array]:
-        """Projected (and, for NeXT, packed) features per image: a list of (tokens_i, hidden) arrays.
+    def plan_image(self, height: int, width: int) -> AnyResPlan | None:
+        """The AnyRes plan of a LLaVA-NeXT image of this size (None for LLaVA-1.5: always one crop)."""
+        if self.config.model_type == "llava":
+            return None
+        v = self.config.vision
+        return anyres_plan(height, width, self.config.image_grid_pinpoints, self.config.semantics,
+                           crop_size=v.image_size, patch_size=v.patch_size)
+
+    def encode_image(self, crops: np.ndarray, plan: AnyResPlan | None = None) -> np.ndarray:
+        """Features of one preprocessed image, (tokens, hidden) on the host; `plan` None for LLaVA-1.5.
+
+        The packing index is padded to the largest token count of the image's grid, so the compiled program
+        depends on the pinpoint only, never on the exact image size.
+        """
+        if plan is None:
+            num_crops, index, padded_len = 1, np.arange(self.config.tokens_per_crop), self.config.tokens_per_crop
+        else:
+            t = plan.tokens_per_side
+            num_crops, index = plan.num_crops, plan.feature_index
+            padded_len = plan.tokens_per_crop + plan.rows * t * (plan.cols * t + 1) + 1  # every row/col kept
+        padded = np.zeros(padded_len, np.int32)
+        padded[: len(index)] = index
+        out = self._encode_pack(self.params, jnp.asarray(crops[:num_crops], jnp.float32), padded)
+        return np.asarray(out[: len(index)])
+
+    def image_features(self, pixel_values, image_sizes=None) -> list[np.ndarray]:
+        """Projected (and, for NeXT, packed) features per image: a list of (tokens_i, hidden) host arrays.
 
         pixel_values: LLaVA-1.5: (images, 3, size, size). LLaVA-NeXT: (images, max_crops, 3, size, size),
         zero-padded past each image's crop count, with `image_sizes` (images, 2) as (height, width).
@@ -101,24 +133,67 @@ class LlavaModel:
         if self.config.model_type == "llava":
             if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, size, size):
                 raise InputError(f"pixel_values must be (images, 3, {size}, {size}), got {pixel_values.shape}")
-            feats = self._encode_images(self.params, pixel_values)
-            return list(feats)
-        from .image import anyres_plan
-
+            return [self.encode_image(px[None]) for px in pixel_values]
         if pixel_values.ndim != 5 or pixel_values.shape[2:] != (3, size, size):
             raise InputError(f"pixel_values must be (images, crops, 3, {size}, {size}), got {pixel_values.shape}")
         if image_sizes is None or len(image_sizes) != len(pixel_values):
             raise InputError("LLaVA-NeXT needs image_sizes (images, 2) as (height, width), one per image")
         out = []
         for px, (h, w) in zip(pixel_values, np.asarray(image_sizes).tolist(), strict=True):
-            plan = anyres_plan(int(h), int(w), self.config.image_grid_pinpoints, self.config.semantics,
-                               crop_size=size, patch_size=self.config.vision.patch_size)
+            plan = self.plan_image(int(h), int(w))
             if plan.num_crops > px.shape[0]:
-                raise InputError(f"image of size {h}x{w} needs {plan.num_crops} crops, pixel_values has {px.shape[0]}")
-            feats = self._encode_images(self.params, px[: plan.num_crops])
-            flat = feats.reshape(-1, feats.shape[-1])
-            out.append(self._pack_features(self.params, flat, jnp.asarray(plan.feature_index, jnp.int32)))
+                raise InputError(f"an image of {h}x{w} needs {plan.num_crops} crops, pixel_values has {px.shape[0]}")
+            out.append(self.encode_image(px, plan))
         return out
+
+    # ---- text and tokenizer ----
+    @functools.cached_property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (transformers AutoTokenizer, loaded from the model directory)."""
+        from .prompt import load_tokenizer
+
+        if self.path is None:
+            raise InputError("this model was built in memory and has no tokenizer directory")
+        return load_tokenizer(self.path)
+
+    @functools.cached_property
+    def processor(self):
+        """Images + text -> HF-processor-compatible arrays (`LlavaProcessor`)."""
+        from .processor import LlavaProcessor
+
+        return LlavaProcessor(self.config, self.tokenizer)
+
+    def generate(self, prompts, images=None, **kwargs):
+        """Answer one prompt (str -> str) or a batch (list -> list), each with zero, one or several images.
+
+        prompts: the user's question(s). They are wrapped in the conversation template (`template=`, default
+        from the checkpoint; "raw" uses the text as is) with `<image>` markers prepended where the text has
+        none. images: for one prompt, None, an image, or a list of images; for a batch, one such entry per
+        prompt. Images are PIL images, numpy arrays or file paths.
+        Keywords: max_new_tokens (128), temperature (0 = greedy), top_p, top_k, seed, stop (strings),
+        stop_token_ids, template, system, return_ids (also return the new token ids), stream (callback
+        `stream(row, text_delta)` called as text is produced).
+        """
+        from .textgen import generate
+
+        return generate(self, prompts, images, **kwargs)
+
+    def generate_ids(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        """Token-level generation from HF-style inputs (the arrays `forward` takes); no tokenizer needed.
+
+        Rows are left-padded prompts (attention_mask 0 on padding) with image tokens already expanded; images
+        are taken in order, row by row. Keywords: max_new_tokens, temperature, top_p, top_k, seed,
+        stop_token_ids (default: the config's EOS). Returns each row's new token ids, through its stop token.
+        """
+        from .textgen import generate_ids
+
+        return generate_ids(self, input_ids, pixel_values, image_sizes, attention_mask, **kwargs)
+
+    def chat(self, template: str | None = None, system: str | None = None, **generate_kwargs):
+        """A multi-turn `ChatSession`: `session.ask(text, images=None)` returns each answer."""
+        from .textgen import ChatSession
+
+        return ChatSession(self, template=template, system=system, **generate_kwargs)
 
     # ---- HF-compatible forward ----
     def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None):
@@ -131,25 +206,15 @@ class LlavaModel:
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")
-        batch, seq = ids.shape
         mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         if mask.shape != ids.shape:
             raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-        positions = np.broadcast_to(np.arange(seq), ids.shape) if position_ids is None else np.asarray(position_ids)
-        image_positions = np.flatnonzero(ids == self.config.image_token_id)
-        hidden = self.config.text.hidden_size
-        if pixel_values is not None:
-            feats = self.image_features(pixel_values, image_sizes)
-            features = jnp.concatenate(feats, axis=0) if feats else jnp.zeros((0, hidden), self.dtype)
-        else:
-            features = jnp.zeros((0, hidden), self.dtype)
-        if features.shape[0] != image_positions.size:
-            raise InputError(
-                f"image features and image tokens do not match: input_ids hold {image_positions.size} image "
-                f"tokens (id {self.config.image_token_id}), the images give {features.shape[0]} features"
-            )
+        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape) if position_ids is None else position_ids
+        feats = [] if pixel_values is None else self.image_features(pixel_values, image_sizes)
+        features, feature_positions = scatter_image_features(ids, feats, self.config.image_token_id,
+                                                             self.config.text.hidden_size, self.dtype)
         logits = self._full_forward(
-            self.params, jnp.asarray(ids, jnp.int32), features, jnp.asarray(image_positions, jnp.int32),
+            self.params, jnp.asarray(ids, jnp.int32), features, feature_positions,
             jnp.asarray(positions, jnp.int32), jnp.asarray(mask),
         )
         return np.asarray(logits)

@@ -1,0 +1,5 @@
+"""Errors raised for bad user input, shared by every stage."""
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the model: image/token count mismatches, bad shapes, prompts too long."""

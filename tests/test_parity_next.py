@@ -1,0 +1,82 @@
+"""LLaVA-NeXT end-to-end fp32 logits parity against transformers' LlavaNextForConditionalGeneration.
+
+Images of different sizes land on different pinpoints (1x2, 2x1, 2x2, 3x1 grids at this toy crop size of 56)
+and exercise unpad in both directions. Bound as in test_parity_llava.py: max |diff| < 1e-4 on logits of order
+one; both sides fp32, differing only in summation order.
+"""
+
+import numpy as np
+import pytest
+import torch
+from builders import IMAGE_TOKEN, build_llava, save
+
+import llava_jax
+
+BOUND = 1e-4
+SIZES = [(40, 100), (150, 47), (120, 110), (30, 31)]  # (height, width)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = build_llava("llava_next", "gqa", seed=11)
+    return hf, llava_jax.load(save(hf, tmp_path_factory.mktemp("next") / "ckpt"))
+
+
+def test_llava_next_logits_match_transformers(models):
+    hf, model = models
+    plans = [model.plan_image(h, w) for h, w in SIZES]
+    assert len({(p.rows, p.cols) for p in plans}) >= 3
+    counts = [p.num_tokens for p in plans]
+    rng = np.random.default_rng(12)
+    # rows: image 0; left padding + images 1 and 2; image 3 then text; a text-only row
+    texts = [rng.integers(0, IMAGE_TOKEN - 10, n) for n in (5, 3, 4, 6, 7, 9, 8)]
+    img = lambda k: np.full(counts[k], IMAGE_TOKEN)  # noqa: E731
+    rows = [
+        np.concatenate([texts[0], img(0), texts[1]]),
+        np.concatenate([texts[2], img(1), texts[3], img(2)]),
+        np.concatenate([img(3), texts[4]]),
+        texts[5],
+    ]
+    seq = max(map(len, rows))
+    ids = np.zeros((len(rows), seq), np.int64)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, seq - len(r):], mask[b, seq - len(r):] = r, 1
+    max_crops = max(p.num_crops for p in plans)
+    px = np.zeros((len(SIZES), max_crops, 3, 56, 56), np.float32)
+    for i, p in enumerate(plans):
+        px[i, : p.num_crops] = rng.standard_normal((p.num_crops, 3, 56, 56))
+    sizes = np.array(SIZES)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px), image_sizes=torch.tensor(sizes),
+                 attention_mask=torch.tensor(mask)).logits.numpy()
+    out = model.forward(ids, px, image_sizes=sizes, attention_mask=mask)
+    valid = mask.astype(bool)
+    assert 0.5 < ref[valid].std() < 5 and len(set(ref.argmax(-1)[valid].tolist())) > 10
+    np.testing.assert_array_less(np.abs(out - ref)[valid], BOUND)
+    np.testing.assert_array_equal(out.argmax(-1)[valid], ref.argmax(-1)[valid])
+
+
+def test_vision_graph_compiles_once_per_pinpoint(models):
+    """Fifty new image sizes after one warm-up image per pinpoint: no new vision compilation."""
+    _, model = models
+    rng = np.random.default_rng(13)
+    seen = {}
+    for h, w in [(56, 112), (112, 56), (112, 112), (56, 168), (168, 56), (30, 31)]:
+        plan = model.plan_image(h, w)
+        seen[(plan.rows, plan.cols)] = plan
+        model.encode_image(np.zeros((plan.num_crops, 3, 56, 56), np.float32), plan)
+    warm = model._encode_pack._cache_size()
+    assert warm == len(seen) <= 5
+    for _ in range(50):
+        h, w = rng.integers(1, 500, 2)
+        plan = model.plan_image(int(h), int(w))
+        feats = model.encode_image(np.zeros((plan.num_crops, 3, 56, 56), np.float32), plan)
+        assert feats.shape == (plan.num_tokens, model.config.text.hidden_size)
+    assert model._encode_pack._cache_size() == warm
+
+
+def test_pixel_values_with_too_few_crops(models):
+    _, model = models
+    with pytest.raises(llava_jax.InputError, match="needs 5 crops"):
+        model.image_features(np.zeros((1, 3, 3, 56, 56), np.float32), image_sizes=[[120, 110]])

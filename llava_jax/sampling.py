@@ -76,7 +76,29 @@ class TopP:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+@struct.dataclass
+class Sampling:
+    """Everything generate() offers in one program: greedy at temperature 0, else temperature sampling after
+    optional top-k (k = 0: off) and top-p (p = 1: off) cuts. All fields are traced, so switching between
+    greedy and sampling, or changing any value, reuses the compiled decode graph; unused cuts are skipped
+    at run time (`lax.cond`), not computed."""
+
+    temperature: float = 0.0
+    k: int = 0
+    p: float = 1.0
+
+    def __call__(self, logits, key):
+        t = jnp.where(self.temperature > 0, self.temperature, 1.0)
+        scaled = logits / t
+        scaled = jax.lax.cond(self.k > 0, lambda x: jnp.where(top_k_mask(x, self.k), x, NEG_INF), lambda x: x,
+                              scaled)
+        scaled = jax.lax.cond(self.p < 1, lambda x: jnp.where(top_p_mask(x, self.p), x, NEG_INF), lambda x: x,
+                              scaled)
+        sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        return jnp.where(self.temperature > 0, sampled, Greedy()(logits, key))
+
+
+def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> Sampling:
     """The sampler for generate()'s arguments: temperature 0 is greedy (top_k/top_p then ignored)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -84,11 +106,4 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if temperature == 0:
-        return Greedy()
-    t = jnp.float32(temperature)
-    if top_p is not None:
-        return TopP(jnp.float32(top_p), t, jnp.int32(top_k or 0))
-    if top_k is not None:
-        return TopK(jnp.int32(top_k), t)
-    return Temperature(t)
+    return Sampling(jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))

@@ -2,4 +2,6 @@
 
 
 class InputError(ValueError):
-    """Inputs that do not fit the model: image/token count mismatches, bad shapes, prompts too long."""
+    """Inputs that do not fit the model: image/token count mismatches, bad shapes, prompts too long.
+
+    The base class of every user-input error (`ImageError` for images, `PromptError` for prompts)."""

@@ -28,6 +28,8 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import InputError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Original `expand2square` (and HF `LlavaImageProcessor(do_pad=True)`) background: (122, 116, 104).
@@ -42,7 +44,7 @@ _STD32 = np.array(CLIP_STD, dtype=np.float32)
 _SINGLE_SOURCE = (str, os.PathLike, Image.Image, np.ndarray)
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image source that cannot be turned into an RGB image (unreadable, empty, bad layout)."""
 
 

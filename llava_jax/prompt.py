@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 IMAGE_MARKER = "<image>"
 # run_llava.py lets a query say where the image goes with this string; it becomes IMAGE_MARKER.
 IMAGE_PLACEHOLDER = "<image-placeholder>"
@@ -31,7 +33,7 @@ IMAGE_PLACEHOLDER = "<image-placeholder>"
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A prompt, conversation or image count that cannot be rendered or tokenized."""
 
 

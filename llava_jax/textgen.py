@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import InputError
 from .generate import cache_bucket, prepare_batch, prompt_bucket, run_generation
-from .prompt import IMAGE_MARKER, default_template, render_prompt, with_image_markers
+from .prompt import IMAGE_MARKER, PromptError, default_template, render_prompt, with_image_markers
 from .sampling import make_sampler
 
 RAW = "raw"  # template name meaning: use the prompt text as is
@@ -101,8 +101,8 @@ def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max
     rows, row_features = [], []
     for text, imgs in zip(texts, image_lists, strict=True):
         if text.count(IMAGE_MARKER) != len(imgs):
-            raise InputError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
-                             f"{len(imgs)} image(s) were given")
+            raise PromptError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
+                              f"{len(imgs)} image(s) were given")
         processed = [processor.process_image(im) for im in imgs]
         rows.append(processor.token_ids(text, processed))
         row_features.append([model.encode_image(p.crops, p.plan) for p in processed])

@@ -80,3 +80,33 @@ def build_llava(kind="llava", text="mha", strategy="default", seed=0, vision=Non
 def save(model, path) -> str:
     model.save_pretrained(path)
     return str(path)
+
+
+def image_rows(spec, counts, seed=0):
+    """Left-padded (ids, attention_mask) from a row spec: each row a list of items, an int n for n random text
+    tokens or ("img", k) for image k's tokens (counts[k] copies of IMAGE_TOKEN)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for items in spec:
+        parts = [np.full(counts[it[1]], IMAGE_TOKEN) if isinstance(it, tuple) else rng.integers(3, IMAGE_TOKEN - 10, it)
+                 for it in items]
+        rows.append(np.concatenate(parts))
+    seq = max(map(len, rows))
+    ids = np.zeros((len(rows), seq), np.int64)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, seq - len(r):], mask[b, seq - len(r):] = r, 1
+    return ids, mask
+
+
+def random_pixels(num_crops, size=56, seed=0):
+    """(images, max_crops, 3, size, size) noise, zero past each image's crop count, as HF's processor pads."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    px = np.zeros((len(num_crops), max(num_crops), 3, size, size), np.float32)
+    for i, n in enumerate(num_crops):
+        px[i, :n] = rng.standard_normal((n, 3, size, size))
+    return px

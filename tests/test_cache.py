@@ -5,11 +5,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from builders import IMAGE_TOKEN, build_llava, save
 
 import llava_jax
 from llava_jax.llama import init_cache
 from llava_jax.llava import Llava
+
+from builders import IMAGE_TOKEN, build_llava, save
 
 
 def test_prefill_then_steps_equal_full_forward(tmp_path):

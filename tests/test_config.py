@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from builders import build_llava
 
 from llava_jax.config import ConfigError, LlavaConfig, config_from_dict, load_config
+
+from builders import build_llava
 
 ORIGINAL_16_MISTRAL = {  # abridged from liuhaotian/llava-v1.6-mistral-7b config.json
     "architectures": ["LlavaMistralForCausalLM"],

@@ -1,10 +1,10 @@
 """Generation: greedy tokens equal transformers' generate; batching equals running alone; compile counts."""
 
-import numpy as np
 import pytest
 import torch
 
 import llava_jax
+
 from builders import build_llava, image_rows, random_pixels, save
 
 NEW_TOKENS = 64

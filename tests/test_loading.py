@@ -9,11 +9,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from builders import build_llava, save
 from safetensors.numpy import load_file, save_file
 
 import llava_jax
 from llava_jax.safetensors_io import CheckpointError
+
+from builders import build_llava, save
 
 
 @pytest.fixture(scope="module")

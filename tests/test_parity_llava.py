@@ -9,9 +9,10 @@ error (a wrong mask, a tanh GELU, a RoPE offset) moves logits by 1e-2 or more.
 import numpy as np
 import pytest
 import torch
-from builders import IMAGE_TOKEN, build_llava, save
 
 import llava_jax
+
+from builders import IMAGE_TOKEN, build_llava, save
 
 BOUND = 1e-4
 

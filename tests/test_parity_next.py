@@ -8,9 +8,10 @@ one; both sides fp32, differing only in summation order.
 import numpy as np
 import pytest
 import torch
-from builders import IMAGE_TOKEN, build_llava, save
 
 import llava_jax
+
+from builders import IMAGE_TOKEN, build_llava, save
 
 BOUND = 1e-4
 SIZES = [(40, 100), (150, 47), (120, 110), (30, 31)]  # (height, width)

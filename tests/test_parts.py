@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from builders import randomize_
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -24,6 +23,8 @@ from llava_jax.llama import DecoderLayer, attention_mask, init_cache, rope_table
 from llava_jax.llava import Projector
 from llava_jax.model import abstract_params
 from llava_jax.weights import assemble_params
+
+from builders import randomize_
 
 REL_BOUND = 1e-5
 

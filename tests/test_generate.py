@@ -90,7 +90,8 @@ def test_stop_token_ends_a_row_early(llava15):
 def test_compile_counts(llava_next):
     """One prefill program per prompt bucket and one decode program; nothing recompiles when max_new_tokens
     (within the cache bucket), temperature, top-p/top-k or the seed change."""
-    _, model = llava_next
+    _, loaded = llava_next
+    model = llava_jax.LlavaModel(loaded.config, loaded.params, loaded.dtype)  # fresh jit caches
     dec = model.decoder
     ids, mask = image_rows([[30], [20]], [], seed=30)
     model.generate_ids(ids, attention_mask=mask, max_new_tokens=8)

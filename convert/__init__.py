@@ -1,0 +1,11 @@
+"""The weight-conversion CLI: `llava-jax-convert SRC OUT` (or `python -m convert SRC OUT`).
+
+Converts a llava-hf or original LLaVA safetensors checkpoint once, streaming tensor by tensor, into a
+directory that `llava_jax.load` reads fast: an Orbax checkpoint of the param tree plus the normalized config
+and the tokenizer/processor files. See `convert.converter` for the steps and `llava_jax.checkpoint` for the
+format.
+"""
+
+from .converter import Conversion, Report, convert, plan
+
+__all__ = ["Conversion", "Report", "convert", "plan"]

@@ -58,6 +58,11 @@ class TensorRef:
             del buf  # release the export before the map closes
         return out
 
+    def memmap(self) -> np.ndarray:
+        """A read-only view of the tensor on a memory map: no copy; pages load as they are touched and are
+        unmapped when the view is garbage collected. For streaming a tensor into another file."""
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.start, shape=self.shape)
+
 
 def read_header(path: str) -> list[TensorRef]:
     """Parse one safetensors file's header and check that every tensor lies inside the file."""

@@ -44,6 +44,13 @@ PREFIXES = {
     ],
 }
 
+# Tensor names that only one layout has (`checkpoint.detect_layout`); transformers 5 in-memory names
+# (`model.language_model.*`) count as hf.
+LAYOUT_SIGNATURES = {
+    "hf": r"(model\.)?(language_model|multi_modal_projector)\.",
+    "original": r"model\.(mm_projector|layers|embed_tokens|vision_tower\.vision_tower)\.",
+}
+
 L = r"(?P<layer>\d+)"
 # (canonical regex, parameter path template, kind); kinds: "dense" (torch (out, in) weight -> (in, out)
 # kernel), "norm" (weight -> scale), "embed", "conv" (patch Conv2d -> matmul kernel), "raw".
@@ -136,12 +143,99 @@ def transform(array: np.ndarray, target: Target) -> np.ndarray:
     return array
 
 
+def transformed_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
+    """The shape `transform` gives a tensor of `shape`, computed without data (a zero-byte dtype)."""
+    return transform(np.empty(shape, np.dtype([])), target).shape
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One source tensor checked against the param tree: its name, where it goes, its shape on disk."""
+
+    name: str
+    target: Target
+    shape: tuple[int, ...]
+
+
+class ParamPlan:
+    """Where each source tensor goes, checked against the model's abstract param tree before any data is read.
+
+    The one per-tensor API behind both loading and conversion: `add` maps a source tensor by its name and
+    its on-disk shape (a safetensors header is enough), so a whole checkpoint can be validated, then read or
+    streamed one tensor at a time; `finish` checks that every parameter and every layer slot is covered.
+    Errors name the tensor.
+    """
+
+    def __init__(self, config: LlavaConfig, abstract):
+        import jax
+
+        self.config = config
+        self.specs = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+        self.placements: dict[tuple[str, ...], list[Placement]] = {}
+        self.unused: list[str] = []  # known-unused source tensors (UNUSED, vision layers past the feature layer)
+        self._origin: dict[tuple[tuple[str, ...], int | None], str] = {}
+
+    def skips(self, name: str, layout: str) -> bool:
+        """True for a known-unused tensor (no need to read it); CheckpointError for an unknown name."""
+        return map_name(name, layout, self.config) is None
+
+    def add(self, name: str, layout: str, shape: tuple[int, ...]) -> Placement | None:
+        """Check and record one source tensor; None (and recorded as unused) for a known-unused one."""
+        target = map_name(name, layout, self.config)
+        if target is None:
+            self.unused.append(name)
+            return None
+        spec = self.specs.get(target.path)
+        if spec is None:
+            raise CheckpointError(f"unexpected tensor {name!r}: the model config has no {'/'.join(target.path)}")
+        want = spec.shape[1:] if target.layer is not None else spec.shape
+        if target.layer is not None and target.layer >= spec.shape[0]:
+            raise CheckpointError(f"unexpected tensor {name!r}: layer {target.layer} >= {spec.shape[0]} layers")
+        if transformed_shape(tuple(shape), target) != tuple(want):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(shape)}, which does not fit {'/'.join(target.path)} "
+                f"of shape {tuple(want)} (check the config against the checkpoint)"
+            )
+        slot = (target.path, target.layer)
+        if slot in self._origin:
+            raise CheckpointError(f"tensors {self._origin[slot]!r} and {name!r} both map to {'/'.join(target.path)}")
+        self._origin[slot] = name
+        placement = Placement(name, target, tuple(shape))
+        self.placements.setdefault(target.path, []).append(placement)
+        return placement
+
+    def finish(self) -> dict[tuple[str, ...], list[Placement]]:
+        """The placements per parameter path; CheckpointError naming what no source tensor covers."""
+        missing = []
+        for path, spec in self.specs.items():
+            got = {p.target.layer for p in self.placements.get(path, [])}
+            if None in got or (len(spec.shape) and got == set(range(spec.shape[0]))):
+                continue
+            name = "/".join(path)
+            layers = sorted(set(range(spec.shape[0])) - got) if got else None
+            missing.append(f"{name} (layers {layers})" if layers else name)
+        if missing:
+            raise CheckpointError(f"checkpoint is missing parameter(s): {', '.join(missing[:8])}"
+                                  + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        return self.placements
+
+
 def load_safetensors_params(sources, config: LlavaConfig, abstract, dtype) -> dict:
-    """Read every tensor of `sources` [(directory, layout), ...] into a param tree shaped like `abstract`."""
+    """Read every tensor of `sources` [(directory, layout), ...] into a param tree shaped like `abstract`.
+
+    Every header is checked first (names, shapes, completeness), then the data is read one tensor at a time.
+    """
     from .safetensors_io import iter_tensors
 
-    items = ((ref.name, layout, ref.read) for directory, layout in sources for ref in iter_tensors(directory))
-    return assemble_params(items, config, abstract, dtype)
+    plan = ParamPlan(config, abstract)
+    placed = [(plan.add(ref.name, layout, ref.shape), ref) for directory, layout in sources
+              for ref in iter_tensors(directory)]
+    plan.finish()
+    arrays: dict[tuple[str, ...], np.ndarray] = {}
+    for placement, ref in placed:
+        if placement is not None:
+            _put(arrays, plan, placement, ref.read(), dtype)
+    return _tree(arrays)
 
 
 def assemble_params(items, config: LlavaConfig, abstract, dtype) -> dict:
@@ -150,52 +244,40 @@ def assemble_params(items, config: LlavaConfig, abstract, dtype) -> dict:
     Checks as it goes: every source name must map to a parameter (or be known-unused), every shape must
     match, and at the end every parameter and every layer slot must have been written. Errors name the tensor.
     """
-    import jax
-
-    flat_abstract = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    plan = ParamPlan(config, abstract)
     arrays: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], set] = {}
-    origin: dict[tuple[tuple[str, ...], int | None], str] = {}
     for name, layout, read in items:
-        target = map_name(name, layout, config)
-        if target is None:
+        if plan.skips(name, layout):
             continue
-        spec = flat_abstract.get(target.path)
-        if spec is None:
-            raise CheckpointError(f"unexpected tensor {name!r}: the model config has no {'/'.join(target.path)}")
-        want = spec.shape[1:] if target.layer is not None else spec.shape
-        if target.layer is not None and target.layer >= spec.shape[0]:
-            raise CheckpointError(f"unexpected tensor {name!r}: layer {target.layer} >= {spec.shape[0]} layers")
         source = np.asarray(read())
-        value = transform(source, target)
-        if value.shape != tuple(want):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {source.shape}, which does not fit {'/'.join(target.path)} "
-                f"of shape {tuple(want)} (check the config against the checkpoint)"
-            )
-        slot = (target.path, target.layer)
-        if slot in origin:
-            raise CheckpointError(f"tensors {origin[slot]!r} and {name!r} both map to {'/'.join(target.path)}")
-        origin[slot] = name
-        if target.layer is None:
-            arrays[target.path] = value.astype(dtype)
-        else:
-            buf = arrays.setdefault(target.path, np.empty(spec.shape, dtype))
-            buf[target.layer] = value
-        filled.setdefault(target.path, set()).add(target.layer)
-    missing = []
-    for path, spec in flat_abstract.items():
-        got = filled.get(path, set())
-        if path in arrays and None in got:
-            continue
-        if len(spec.shape) and got == set(range(spec.shape[0])):
-            continue
-        name = "/".join(path)
-        layers = sorted(set(range(spec.shape[0])) - got) if got else None
-        missing.append(f"{name} (layers {layers})" if layers else name)
-    if missing:
-        raise CheckpointError(f"checkpoint is missing parameter(s): {', '.join(missing[:8])}"
-                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        _put(arrays, plan, plan.add(name, layout, source.shape), source, dtype)
+    plan.finish()
+    return _tree(arrays)
+
+
+def _put(arrays: dict, plan: ParamPlan, placement: Placement, source: np.ndarray, dtype) -> None:
+    target = placement.target
+    value = transform(source, target)
+    if target.layer is None:
+        arrays[target.path] = aligned_empty(value.shape, dtype)
+        arrays[target.path][...] = value
+    else:
+        if target.path not in arrays:
+            arrays[target.path] = aligned_empty(plan.specs[target.path].shape, dtype)
+        arrays[target.path][target.layer] = value
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """`np.empty` starting on a 64-byte boundary: on CPU, `jax.device_put` then adopts the buffer instead of
+    copying it, so loading holds one copy of the weights, not two."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = -raw.ctypes.data % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _tree(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
     tree: dict = {}
     for path, value in arrays.items():
         node = tree

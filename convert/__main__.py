@@ -1,0 +1,7 @@
+"""`python -m convert SRC OUT`: see `convert.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

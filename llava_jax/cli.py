@@ -48,18 +48,34 @@ def _open_image(source: str):
 def _load_model(args):
     import llava_jax
 
-    if args.model:
-        return llava_jax.load(args.model, dtype=args.dtype)
-    from .default_model import default_model_dir
+    from .sharding import maybe_initialize_distributed
 
-    print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
-    return llava_jax.load(str(default_model_dir()), dtype=args.dtype)
+    maybe_initialize_distributed()  # multi-host: before anything touches the devices
+    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False))
+    if args.model:
+        model = llava_jax.load(args.model, dtype=args.dtype, **placement)
+    else:
+        from .default_model import default_model_dir
+
+        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+        model = llava_jax.load(str(default_model_dir()), dtype=args.dtype, **placement)
+    import jax
+
+    if jax.process_index() != 0:  # multi-host: every process computes the same answer; one prints it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    return model
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (llava-hf or original safetensors, or converted); "
                    "default: the embedded tiny random-weight model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mesh", default="auto",
+                   help="device mesh for params, KV cache and batch, e.g. data=2,model=4 (one size may be -1: the "
+                   "rest); 'auto' (default): every device, the model axis as wide as the heads allow within a "
+                   "host; 'none': one device")
+    p.add_argument("--fsdp", action="store_true",
+                   help="also shard the embedding dimension of weight matrices over the data axis")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from .attention import dot_product_attention
 from .config import VisionConfig
+from .layers import Dense
 
 
 def quick_gelu(x):
@@ -24,7 +25,7 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x, _=None):
         cfg, dt = self.cfg, self.dtype
         heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-        dense = lambda n, name: nn.Dense(n, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        dense = lambda n, name: Dense(n, dtype=dt, name=name)  # noqa: E731
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
 
         h = norm("layer_norm1")(x)
@@ -54,7 +55,7 @@ class CLIPVisionTower(nn.Module):
         # the same order as torch's (out, in, kh, kw) weight flattened.
         patches = pixel_values.astype(dt).reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(n, g * g, c * p * p)
-        x = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, name="patch_embedding")(patches)
+        x = Dense(cfg.hidden_size, use_bias=False, dtype=dt, name="patch_embedding")(patches)
         cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,), dt)
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.hidden_size)), x], axis=1)
         pos = self.param("position_embedding", nn.initializers.normal(1.0), (g * g + 1, cfg.hidden_size), dt)

@@ -11,6 +11,7 @@ Positions are cumsum(attention_mask) - 1, as HF's `generate` uses, so left paddi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,15 +20,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
-from .llama import init_cache
+from .llama import init_cache, unstack_layers
 from .llava import Llava, merge_image_features
+from .sharding import put, to_host
 
 MAX_STOP_IDS = 8  # stop-token slots in the decode graph (padded with -1)
 
 
-def prompt_bucket(length: int, minimum: int = 64) -> int:
-    """Padded prompt length: the next power of two >= length (at least `minimum`)."""
-    return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+def prompt_bucket(length: int, minimum: int = 64, fine_above: int = 1024, steps_per_octave: int = 8) -> int:
+    """Padded prompt length: the next power of two >= length (at least `minimum`); above `fine_above`, the next
+    multiple of 1/`steps_per_octave` of the octave, so that a long prompt (a LLaVA-NeXT image alone is 2-3 k
+    tokens) computes at most 12.5% of padding rather than up to 100% (2200 tokens: 2304, not 4096)."""
+    length = max(1, int(length))
+    power = 1 << (length - 1).bit_length()
+    if power <= fine_above:
+        return max(minimum, power)
+    step = power // (2 * steps_per_octave)
+    return -(-length // step) * step
 
 
 def cache_bucket(length: int, granule: int = 256) -> int:
@@ -84,26 +93,101 @@ def prepare_batch(rows: list[list[int]], row_features: list[list[np.ndarray]], i
     return PreparedBatch(ids, mask, positions, features, feature_positions, np.array([len(r) for r in rows]))
 
 
-class Decoder:
-    """The jitted prefill and decode programs of one model (compiled per shape, cached by jax.jit)."""
+def pad_batch(batch: PreparedBatch, multiple: int) -> PreparedBatch:
+    """Append dummy rows (a one-token prompt, no image) until the batch size is a multiple of `multiple`.
 
-    def __init__(self, module: Llava, config):
+    A sharded batch must divide the mesh's data axis; callers drop the dummy rows' outputs (the first
+    `len(batch.lengths)` rows of the result are the original rows, unchanged).
+    """
+    rows, seq = batch.input_ids.shape
+    total = -(-rows // multiple) * multiple
+    if total == rows:
+        return batch
+    extra = total - rows
+
+    def grow(a, fill=0):  # per-row arrays get `extra` rows, flat (batch * seq) ones `extra * seq`
+        return np.concatenate([a, np.full((extra * (a.shape[0] // rows), *a.shape[1:]), fill, a.dtype)])
+
+    mask = grow(batch.attention_mask, False)
+    mask[rows:, -1] = True
+    # feature rows are flat batch * seq positions; the "drop" marker is one past the end, which moves
+    positions = batch.feature_positions.copy()
+    positions[positions == rows * seq] = total * seq
+    return PreparedBatch(grow(batch.input_ids), mask, grow(batch.positions), grow(batch.features),
+                         grow(positions, total * seq), grow(batch.lengths, 1))
+
+
+class Decoder:
+    """The jitted prefill and decode programs of one model (compiled per shape, cached by jax.jit).
+
+    With a `plan` (a `sharding.ShardingPlan`) and the params' shardings, both programs are jitted with explicit
+    in/out shardings: params as placed by `load`, batch inputs and the cache over the data axis, the cache's kv
+    heads over the model axis; the decode state is donated either way. Batches are padded to a multiple of the
+    data axis by `run_generation`. Without a plan everything stays on the default device.
+    """
+
+    def __init__(self, module: Llava, config, plan=None, param_shardings=None):
         self.module = module
         self.config = config
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
-        self.decode = jax.jit(self._decode, donate_argnames=("state",))
+        self.plan = plan
+        if plan is None:
+            self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
+            self.decode = jax.jit(self._decode, donate_argnames=("state",))
+            return
+        rep, inp, state = plan.replicated, plan.input_sharding, plan.state_shardings()
+        batch_in = tuple(inp(n) for n in ("input_ids", "features", "feature_positions", "positions",
+                                          "attention_mask"))
+        # jit refuses keyword arguments with in_shardings: cache_len (static) is passed positionally
+        self.prefill = jax.jit(self._prefill, static_argnums=(10,), out_shardings=state,
+                               in_shardings=(param_shardings, *batch_in, rep, rep, rep, rep))
+        self.decode = jax.jit(self._decode, donate_argnames=("state",), out_shardings=state,
+                              in_shardings=(param_shardings, state, rep, rep, rep, rep, rep))
+
+    @property
+    def data_size(self) -> int:
+        """Batch sizes must be a multiple of this (the mesh's data axis; 1 without a plan)."""
+        return 1 if self.plan is None else self.plan.data_size
+
+    def put_input(self, name: str, x):
+        """A host batch array onto the device(s): sharded over the data axis with a plan."""
+        return jnp.asarray(x) if self.plan is None else put(x, self.plan.input_sharding(name))
+
+    def put_replicated(self, x):
+        """A small host value (pytree) every device needs whole."""
+        if self.plan is None:
+            return x
+        return jax.tree_util.tree_map(lambda leaf: put(leaf, self.plan.replicated), x)
+
+    def stop_rows(self, done, rows: np.ndarray):
+        """`done` with `rows` (host bool array) set; keeps the state's sharding."""
+        if self.plan is None:
+            return done | jnp.asarray(rows)
+        return put(to_host(done) | np.asarray(rows), self.plan.state_shardings()["done"])
+
+    def decode_params(self, params):
+        """The params `decode` takes: on one CPU device, the decoder layers as per-layer views of the stacked
+        arrays (`llama.unstack_layers`: no copy), so that a step reads each weight once instead of copying each
+        layer's slice first; otherwise `params` itself. LLAVA_JAX_UNSTACKED_DECODE=0 turns the views off."""
+        if self.plan is not None or os.environ.get("LLAVA_JAX_UNSTACKED_DECODE", "1") == "0":
+            return params
+        cached = getattr(self, "_decode_params", None)
+        if cached is None or cached[0] is not params:
+            cached = self._decode_params = (params, unstack_layers(params) or params)
+        return cached[1]
 
     def _apply(self, params, *args, method):
         return self.module.apply({"params": params}, *args, method=method)
 
     def _prefill(self, params, input_ids, features, feature_positions, positions, attention_mask, sampler, key,
-                 stop_ids, max_new_tokens, *, cache_len):
+                 stop_ids, max_new_tokens, cache_len):
         """Run the prompt, sample the first token; returns the decode state."""
         batch, seq = input_ids.shape
         embeds = self._apply(params, input_ids, method=Llava.embed)
         embeds = merge_image_features(embeds, features, feature_positions)
         kv_mask = jnp.zeros((batch, cache_len), bool).at[:, :seq].set(attention_mask)
         cache = init_cache(self.config.text, batch, cache_len, embeds.dtype)
+        if self.plan is not None:  # created inside the program: pin its layout from the start
+            cache = jax.lax.with_sharding_constraint(cache, self.plan.cache_shardings())
         hidden, cache = self._apply(params, embeds, positions, kv_mask, cache, 0, method=Llava.decode)
         logits = self._apply(params, hidden[:, -1:], method=Llava.logits)[:, 0]  # lm_head on the last only
         token = sampler(logits, jax.random.fold_in(key, 0))
@@ -153,29 +237,38 @@ def run_generation(decoder: Decoder, params, batch: PreparedBatch, sampler, *, m
     on_tokens(tokens, start, end) is called after each chunk with the token buffer (batch, cache_len) and the
     new range [start, end); it may return a bool array (batch,) of rows to stop (stop strings, on the host).
     """
-    stops = stop_id_array(stop_ids)
-    key = jax.random.PRNGKey(seed)
-    max_new = jnp.int32(max_new_tokens)
-    state = decoder.prefill(params, jnp.asarray(batch.input_ids), jnp.asarray(batch.features),
-                            jnp.asarray(batch.feature_positions), jnp.asarray(batch.positions),
-                            jnp.asarray(batch.attention_mask), sampler, key, stops, max_new, cache_len=cache_len)
+    rows = len(batch.lengths)
+    batch = pad_batch(batch, decoder.data_size)  # dummy rows up to a multiple of the data axis, dropped below
+    rep = decoder.put_replicated  # small values every device needs whole (as they are without a mesh)
+    stops = rep(stop_id_array(stop_ids))
+    key = rep(jax.random.PRNGKey(seed))
+    max_new = rep(jnp.int32(max_new_tokens))
+    sampler = rep(sampler)
+    inputs = [decoder.put_input(name, getattr(batch, name)) for name in
+              ("input_ids", "features", "feature_positions", "positions", "attention_mask")]
+    state = decoder.prefill(params, *inputs, sampler, key, stops, max_new, cache_len)
+    if len(batch.lengths) > rows:
+        state["done"] = decoder.stop_rows(state["done"], np.arange(len(batch.lengths)) >= rows)
     chunk = chunk or max_new_tokens
     reported = 0
-    cut = np.full(len(batch.lengths), -1)  # where the host stopped a row (stop strings)
+    cut = np.full(rows, -1)  # where the host stopped a row (stop strings)
     while True:
         step = int(state["step"])
         if on_tokens is not None:
             # a copy: the device buffer is donated to the next decode call
-            stop_rows = on_tokens(np.array(state["tokens"]), reported, step)
+            stop_rows = on_tokens(np.array(state["tokens"])[:rows], reported, step)
             reported = step
             if stop_rows is not None and np.any(stop_rows):
                 cut = np.where(np.asarray(stop_rows) & (cut < 0), step, cut)
-                state["done"] = state["done"] | jnp.asarray(stop_rows)
-        if step >= max_new_tokens or bool(jnp.all(state["done"])):
+                full = np.zeros(len(batch.lengths), bool)
+                full[:rows] = stop_rows
+                state["done"] = decoder.stop_rows(state["done"], full)
+        if step >= max_new_tokens or bool(np.all(np.asarray(state["done"]))):
             break
-        end = jnp.int32(min(step + chunk, max_new_tokens))
-        state = decoder.decode(params, state, sampler, stops, max_new, end, jnp.int32(pad_id))
-    tokens = np.array(state["tokens"])[:, : int(state["step"])]
+        end = rep(jnp.int32(min(step + chunk, max_new_tokens)))
+        state = decoder.decode(decoder.decode_params(params), state, sampler, stops, max_new, end,
+                               rep(jnp.int32(pad_id)))
+    tokens = np.array(state["tokens"])[:rows, : int(state["step"])]
     stop_set = set(int(i) for i in stop_ids)
     out = []
     for row, row_cut in zip(tokens.tolist(), cut, strict=True):

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import dot_product_attention
+from .attention import causal_self_attention, dot_product_attention
 from .config import TextConfig
+from .layers import Dense
 
 
 class RMSNorm(nn.Module):
@@ -48,13 +49,18 @@ def apply_rope(x, cos, sin):
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer. `layer_cache` is this layer's {"k", "v"} (batch, cache_len, kv_heads, head_dim), or,
+    with `layer_index` set, the whole stacked cache, of which the layer writes and reads slot `layer_index`
+    (the unrolled decode path: the new keys go straight into the stacked buffer)."""
+
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(self, x, layer_cache, rope, mask, write_index):
         cfg, dt = self.cfg, self.dtype
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        dense = lambda n, name: Dense(n, use_bias=False, dtype=dt, name=name)  # noqa: E731
         batch, seq, _ = x.shape
         hd = cfg.head_dim
 
@@ -64,9 +70,21 @@ class DecoderLayer(nn.Module):
         v = dense(cfg.num_kv_heads * hd, "v_proj")(h).reshape(batch, seq, cfg.num_kv_heads, hd)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), write_index, 1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), write_index, 1)
-        attn = dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask)
+        k, v = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
+        if self.layer_index is None:
+            cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k, write_index, 1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v, write_index, 1)
+            keys, values = cache_k, cache_v
+        else:
+            start = (self.layer_index, 0, write_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(layer_cache["k"], k[None], start)
+            cache_v = jax.lax.dynamic_update_slice(layer_cache["v"], v[None], start)
+            keys, values = cache_k[self.layer_index], cache_v[self.layer_index]
+        if isinstance(write_index, int) and write_index == 0 and seq > 1:
+            # a prompt into an empty cache: its keys are exactly the new ones, slots past `seq` are all masked
+            attn = causal_self_attention(q, k.astype(dt), v.astype(dt), mask[..., :seq])
+        else:
+            attn = dot_product_attention(q, keys.astype(dt), values.astype(dt), mask)
         x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(batch, seq, -1))
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
@@ -103,7 +121,7 @@ class LlamaDecoder(nn.Module):
             length=cfg.num_layers,
         )(cfg, dt)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt)
-        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt)
+        self.lm_head = Dense(cfg.vocab_size, use_bias=False, dtype=dt, fp32_result=True)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -112,8 +130,42 @@ class LlamaDecoder(nn.Module):
         """Run the layers on `embeds` (batch, seq, hidden); returns final-normed hidden states and the cache."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         mask = attention_mask(kv_mask, write_index, embeds.shape[1])
-        x, cache = self.layers(embeds.astype(self.dtype), cache, (cos, sin), mask, write_index)
+        x = embeds.astype(self.dtype)
+        layers = self.get_variable("params", "layers") if self.has_variable("params", "layers") else None
+        if isinstance(layers, list | tuple):
+            # per-layer params (`unstack_layers`): layers unrolled, each reading its own weights in place
+            for i, layer_params in enumerate(layers):
+                x, cache = DecoderLayer(self.cfg, self.dtype, layer_index=i, parent=None).apply(
+                    {"params": layer_params}, x, cache, (cos, sin), mask, write_index)
+            return self.norm(x), cache
+        x, cache = self.layers(x, cache, (cos, sin), mask, write_index)
         return self.norm(x), cache
 
     def logits(self, hidden):
-        return self.lm_head(hidden).astype(jnp.float32)
+        """fp32 logits: accumulated in fp32 and not rounded to a low param dtype."""
+        return self.lm_head(hidden)
+
+
+def unstack_layers(params: dict) -> dict | None:
+    """`params` with `language_model/layers` split into one dict per layer, each array a view of the stacked
+    one (no copy), or None where views are impossible (not a single-device CPU array).
+
+    Why: inside a compiled loop over layers (`nn.scan`, or a decode step), taking layer i of a stacked weight is
+    a dynamic slice that XLA:CPU materializes, so a batch-1 decode step would read every weight three times
+    (read, write the copy, read it). With per-layer arrays the unrolled decode step reads each weight once.
+    """
+    layers = params["language_model"]["layers"]
+    leaves, treedef = jax.tree_util.tree_flatten(layers)
+    host = []
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array) or len(leaf.devices()) != 1 or leaf.device.platform != "cpu":
+            return None
+        host.append(np.asarray(leaf))  # zero-copy view of the CPU buffer
+    device = leaves[0].device
+    per_layer = []
+    for i in range(host[0].shape[0]):
+        views = [jax.device_put(h[i], device) for h in host]  # zero-copy where the slice is 64-byte aligned
+        if any(v.unsafe_buffer_pointer() != h[i].ctypes.data for v, h in zip(views, host, strict=True)):
+            return None  # jax copied: per-layer arrays would double the decoder's memory
+        per_layer.append(jax.tree_util.tree_unflatten(treedef, views))
+    return {**params, "language_model": {**params["language_model"], "layers": per_layer}}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
+from .layers import Dense
 from .llama import LlamaDecoder
 
 
@@ -27,8 +28,7 @@ class Projector(nn.Module):
         for i in range(1, self.depth + 1):
             if i > 1:
                 x = jax.nn.gelu(x, approximate=False)  # erf GELU, as torch's nn.GELU(); tanh drifts
-            x = nn.Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.dtype,
-                         name=f"linear_{i}")(x)
+            x = Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, name=f"linear_{i}")(x)
         return x
 
 

@@ -11,10 +11,11 @@ import numpy as np
 
 from .config import LlavaConfig, load_config
 from .errors import InputError
-from .generate import Decoder, scatter_image_features
+from .generate import Decoder, PreparedBatch, pad_batch, scatter_image_features
 from .image import AnyResPlan, anyres_plan
 from .llama import init_cache
 from .llava import Llava, merge_image_features
+from .sharding import ShardingPlan, maybe_initialize_distributed, place_params, put, resolve_mesh, to_host
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -60,12 +61,26 @@ def abstract_params(config: LlavaConfig, dtype="float32") -> dict:
 class LlavaModel:
     """A loaded LLaVA model: `config`, `params` (a nested dict of arrays) and HF-compatible `forward`."""
 
-    def __init__(self, config: LlavaConfig, params: dict, dtype="float32", path: str | None = None):
+    def __init__(self, config: LlavaConfig, params: dict, dtype="float32", path: str | None = None,
+                 mesh=None, fsdp: bool = False):
+        """mesh: a `jax.sharding.Mesh` (axes `data`, `model`), "data=2,model=4", "auto" or None (one device);
+        params are placed onto their shardings (a no-op for params `load` already placed)."""
         self.config = config
-        self.params = params
         self.dtype = resolve_dtype(dtype)
         self.path = path
         self.module = Llava(config, self.dtype)
+        self.mesh = resolve_mesh(mesh, config)
+        self.plan = None if self.mesh is None else ShardingPlan.create(self.mesh, config, fsdp)
+        self.param_shardings = None
+        if self.plan is not None:
+            self.param_shardings = self.plan.param_shardings(abstract_params(config, self.dtype))
+            params = place_params(params, self.param_shardings)
+        self.params = params
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches run as a multiple of this many rows (the mesh's data axis); others are padded."""
+        return 1 if self.plan is None else self.plan.data_size
 
     # ---- jitted stages (one compiled program per input shape) ----
     @functools.cached_property
@@ -77,7 +92,12 @@ class LlavaModel:
             feats = apply(crops, method=Llava.encode_images)
             return apply(feats.reshape(-1, feats.shape[-1]), feature_index, method=Llava.pack_features)
 
-        return jax.jit(run)
+        if self.plan is None:
+            return jax.jit(run)
+        # Crops of one image are replicated over the data axis (an image is encoded alone; its crop count
+        # rarely divides it); the tower's heads and MLP are split over the model axis. Features come back whole.
+        rep = self.plan.replicated
+        return jax.jit(run, in_shardings=(self.param_shardings, rep, rep), out_shardings=rep)
 
     @functools.cached_property
     def _full_forward(self):
@@ -86,15 +106,22 @@ class LlavaModel:
             embeds = apply(input_ids, method=Llava.embed)
             embeds = merge_image_features(embeds, features, feature_positions)
             cache = init_cache(self.config.text, *input_ids.shape, self.dtype)
+            if self.plan is not None:
+                cache = jax.lax.with_sharding_constraint(cache, self.plan.cache_shardings())
             hidden, _ = apply(embeds, positions, kv_mask, cache, 0, method=Llava.decode)
             return apply(hidden, method=Llava.logits)
 
-        return jax.jit(run)
+        if self.plan is None:
+            return jax.jit(run)
+        inp = self.plan.input_sharding
+        return jax.jit(run, in_shardings=(self.param_shardings, inp("input_ids"), inp("features"),
+                                          inp("feature_positions"), inp("positions"), inp("attention_mask")),
+                       out_shardings=self.plan.logits_sharding(self.config.text.vocab_size))
 
     @functools.cached_property
     def decoder(self) -> Decoder:
         """The jitted prefill / decode programs used by `generate`."""
-        return Decoder(self.module, self.config)
+        return Decoder(self.module, self.config, self.plan, self.param_shardings)
 
     # ---- images ----
     def plan_image(self, height: int, width: int) -> AnyResPlan | None:
@@ -119,7 +146,12 @@ class LlavaModel:
             padded_len = plan.tokens_per_crop + plan.rows * t * (plan.cols * t + 1) + 1  # every row/col kept
         padded = np.zeros(padded_len, np.int32)
         padded[: len(index)] = index
-        out = self._encode_pack(self.params, jnp.asarray(crops[:num_crops], jnp.float32), padded)
+        crops = np.asarray(crops[:num_crops], np.float32)
+        if self.plan is None:
+            crops = jnp.asarray(crops)
+        else:
+            crops, padded = put(crops, self.plan.replicated), put(padded, self.plan.replicated)
+        out = self._encode_pack(self.params, crops, padded)
         return np.asarray(out[: len(index)])
 
     def image_features(self, pixel_values, image_sizes=None) -> list[np.ndarray]:
@@ -213,18 +245,43 @@ class LlavaModel:
         feats = [] if pixel_values is None else self.image_features(pixel_values, image_sizes)
         features, feature_positions = scatter_image_features(ids, feats, self.config.image_token_id,
                                                              self.config.text.hidden_size, self.dtype)
-        logits = self._full_forward(
-            self.params, jnp.asarray(ids, jnp.int32), features, feature_positions,
-            jnp.asarray(positions, jnp.int32), jnp.asarray(mask),
-        )
-        return np.asarray(logits)
+        if self.plan is None:
+            logits = self._full_forward(
+                self.params, jnp.asarray(ids, jnp.int32), features, feature_positions,
+                jnp.asarray(positions, jnp.int32), jnp.asarray(mask),
+            )
+            return np.asarray(logits)
+        # sharded: pad the batch to a multiple of the data axis with dummy rows, dropped from the result
+        rows = len(ids)
+        batch = pad_batch(PreparedBatch(ids.astype(np.int32), mask, np.asarray(positions, np.int32), features,
+                                        feature_positions, np.zeros(rows, int)), self.plan.data_size)
+        inp = self.plan.input_sharding
+        logits = self._full_forward(self.params, *(put(getattr(batch, n), inp(n)) for n in (
+            "input_ids", "features", "feature_positions", "positions", "attention_mask")))
+        return to_host(logits)[:rows]
 
 
-def load(path: str, dtype="float32") -> LlavaModel:
+def _adopt_host_arrays(tree: dict) -> dict:
+    """Host arrays -> device arrays in place, one leaf at a time, each host array dropped as soon as it is
+    placed: on CPU `device_put` adopts a 64-byte aligned numpy buffer without copying, elsewhere at most one
+    tensor exists twice. (`tree_map(jnp.asarray, ...)` would hold two copies of every weight at its peak.)"""
+    for key, value in tree.items():
+        tree[key] = _adopt_host_arrays(value) if isinstance(value, dict) else jax.device_put(value)
+    return tree
+
+
+def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False) -> LlavaModel:
     """Load a LLaVA checkpoint directory: llava-hf or original safetensors, or a llava-jax converted one.
 
     dtype: "float32", "bfloat16" or "float16": the dtype params are stored and computed in.
+    mesh: where params, KV cache and batches live: a `jax.sharding.Mesh` with axes `data` (batch) and `model`
+    (heads, MLP, vocabulary), a string "data=2,model=4" (one size may be -1: the rest), "auto" (the default: all
+    devices, the model axis as wide as the heads allow within a host; a single device means no mesh) or None
+    (the default device only). fsdp: also shard the embedding dimension of weight matrices over `data`.
+    Each parameter is placed onto its sharding as it is loaded: no device ever holds a whole sharded tensor.
     """
+    maybe_initialize_distributed()
+    from . import checkpoint
     from .safetensors_io import CheckpointError
     from .weights import load_safetensors_params
 
@@ -232,7 +289,18 @@ def load(path: str, dtype="float32") -> LlavaModel:
         raise CheckpointError(f"{path} is not a checkpoint directory")
     config = load_config(path)
     dt = resolve_dtype(dtype)
-    sources = [(path, config.layout)]
-    params = load_safetensors_params(sources, config, abstract_params(config, dt), dt)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return LlavaModel(config, params, dt, path=path)
+    abstract = abstract_params(config, dt)
+    mesh = resolve_mesh(mesh, config)
+    # Target shardings (None: one device): a converted checkpoint is restored straight into them by Orbax (each
+    # host reads only its shards); safetensors tensors are device_put onto them one by one.
+    shardings = None if mesh is None else ShardingPlan.create(mesh, config, fsdp).param_shardings(abstract)
+    if checkpoint.is_converted(path):  # written by llava-jax-convert: one Orbax restore onto the shardings
+        params = checkpoint.restore_params(path, abstract, shardings)
+        return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp)
+    sources = checkpoint.open_source(path).sources  # original LLaVA-1.5: plus its CLIP checkpoint
+    params = load_safetensors_params(sources, config, abstract, dt)
+    if shardings is None:
+        params = _adopt_host_arrays(params)
+    else:
+        params = place_params(params, shardings)
+    return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp)

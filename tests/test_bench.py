@@ -1,0 +1,111 @@
+"""`llava-jax bench` runs end to end and reports every field; a second CLI run compiles nothing.
+
+Both tests run the real console script in subprocesses on the `tiny` benchmark shape (a toy LLaVA-NeXT written
+by `llava-jax bench --make-checkpoint`). No timing is asserted: only that each figure is there and sane.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CAT = str(Path(__file__).parent.parent / "llava_jax" / "assets" / "cat.jpg")
+
+
+def cli(*args, env=None, timeout=300):
+    exe = shutil.which("llava-jax", path=os.path.dirname(sys.executable)) or shutil.which("llava-jax")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "llava_jax", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny"
+    cli("bench", "--make-checkpoint", str(path), "--shape", "tiny")
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llava_next" and config["text_config"]["hidden_size"] == 64
+    assert {"model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in path.iterdir()}
+    return path
+
+
+def positive(x):
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+SIDE_FIELDS = ["ttft_s", "ttft_cold_s", "ttft_runs_s", "decode_tok_s", "decode_cold_tok_s", "decode_runs_tok_s",
+               "preprocess_s", "load_s", "peak_rss_gb", "rss_after_load_gb", "tokens", "floor_pct"]
+
+
+def test_bench_reports_every_field(checkpoint, capsys):
+    new_tokens = 6
+    out = cli("bench", "--model", str(checkpoint), "--image-size", "200x150", "--new-tokens", str(new_tokens),
+              "--repeats", "1", "--compare-torch", "--json").stdout
+    r = json.loads(out)
+    assert r["dtype"] == "float32" and r["image_size"] == [200, 150] and r["batch"] == 1
+    assert r["new_tokens"] == new_tokens and r["crops"] >= 2 and 0 < r["image_tokens"] < r["prompt_tokens"]
+    assert r["prompt_bucket"] >= r["prompt_tokens"] and r["cache_len"] >= r["prompt_bucket"] + new_tokens
+    floor = r["floor"]
+    for key in ("bandwidth_gbs", "bandwidth_gbs_median", "text_weight_bytes", "read_per_token_bytes",
+                "decode_floor_tok_s"):
+        assert positive(floor[key]), key
+    assert floor["read_per_token_bytes"] < floor["text_weight_bytes"]
+    for side in ("jax", "torch"):
+        for key in SIDE_FIELDS:
+            assert key in r[side], (side, key)
+        for key in ("ttft_s", "ttft_cold_s", "decode_tok_s", "preprocess_s", "load_s", "peak_rss_gb", "floor_pct"):
+            assert positive(r[side][key]), (side, key)
+        assert len(r[side]["ttft_runs_s"]) == len(r[side]["decode_runs_tok_s"]) == 2  # cold + 1 warm
+        assert len(r[side]["tokens"]) == new_tokens
+        assert r[side]["peak_rss_gb"] >= r[side]["rss_after_load_gb"] > 0
+    jax_side = r["jax"]
+    for key in ("vision_s", "prefill_s", "compile_s", "xla_compile_s"):
+        assert positive(jax_side[key]), key
+    # the cold run compiles the three model programs (vision, prefill, decode) once each; warm runs nothing
+    assert jax_side["model_programs"] == {"jit(run)": 1, "jit(_prefill)": 1, "jit(_decode)": 1}
+    assert jax_side["compiled_programs"] == 3 and jax_side["xla_compilations"] >= 3
+    assert jax_side["warm_compilations"] == 0 and jax_side["warm_tokens_equal"]
+    assert jax_side["persistent_cache"]["enabled"] is False
+    assert r["torch"]["new_tokens_generated"] == new_tokens and r["torch"]["threads"] >= 1
+    # same checkpoint, same inputs, greedy in fp32: the same token ids
+    assert r["same_input_ids"] is True and r["same_tokens_prefix"] == new_tokens
+    for key in ("decode_speedup", "ttft_ratio", "ttft_cold_ratio", "peak_rss_ratio"):
+        assert positive(r["ratios"][key]), key
+    # the human-readable report of the same results
+    from llava_jax.bench import _print_report
+
+    _print_report(r)
+    text = capsys.readouterr().out
+    assert "decode floor" in text and "time to first token" in text and "peak RSS" in text and "ratio" in text
+
+
+HIT = re.compile(r"Persistent compilation cache hit for '(\w+)'")
+MISS = re.compile(r"PERSISTENT COMPILATION CACHE MISS for '(\w+)'")
+
+
+def test_second_generate_run_uses_the_persistent_cache(checkpoint, tmp_path):
+    cache = tmp_path / "xla-cache"
+    env = {"LLAVA_JAX_COMPILATION_CACHE": str(cache), "JAX_LOG_COMPILES": "1", "JAX_EXPLAIN_CACHE_MISSES": "1"}
+    args = ["generate", "--model", str(checkpoint), "--image", CAT, "--prompt", "What is this?",
+            "--max-new-tokens", "4"]
+    first = cli(*args, env=env)
+    entries = sorted(p.name for p in cache.iterdir())
+    missed = set(MISS.findall(first.stderr))
+    model_programs = {"jit_run", "jit__prefill", "jit__decode"}  # vision, prefill, decode
+    assert model_programs <= missed and not HIT.findall(first.stderr)
+    assert entries
+
+    second = cli(*args, env=env)
+    assert second.stdout == first.stdout  # same answer
+    hits = set(HIT.findall(second.stderr))
+    assert model_programs <= hits
+    assert not MISS.findall(second.stderr), MISS.findall(second.stderr)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new written

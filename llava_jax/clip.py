@@ -4,13 +4,15 @@ Parameter names follow HF's `CLIPVisionModel` so that the weight table stays a p
 to the selected feature layer exist: the last layer and `post_layernorm` never influence LLaVA's output.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from .attention import dot_product_attention
 from .config import VisionConfig
-from .layers import Dense
+from .layers import Dense, DenseParams, fused_dense, scan_stacked
 
 
 def quick_gelu(x):
@@ -30,7 +32,8 @@ class CLIPEncoderLayer(nn.Module):
 
         h = norm("layer_norm1")(x)
         split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)  # noqa: E731
-        q, k, v = (split(dense(cfg.hidden_size, n)(h)) for n in ("q_proj", "k_proj", "v_proj"))
+        qkv = [DenseParams(cfg.hidden_size, dtype=dt, name=n)(cfg.hidden_size) for n in ("q_proj", "k_proj", "v_proj")]
+        q, k, v = (split(t) for t in fused_dense(h, qkv, dt, os.environ.get("LLAVA_JAX_FUSE", "1") != "0"))
         attn = dot_product_attention(q, k, v).reshape(x.shape)
         x = x + dense(cfg.hidden_size, "out_proj")(attn)
 
@@ -61,6 +64,9 @@ class CLIPVisionTower(nn.Module):
         pos = self.param("position_embedding", nn.initializers.normal(1.0), (g * g + 1, cfg.hidden_size), dt)
         x = x + pos[None]
         x = nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name="pre_layrnorm")(x)
+        if self.has_variable("params", "layers"):  # see `scan_stacked`; the nn.scan below creates the params
+            x, _ = scan_stacked(CLIPEncoderLayer(cfg, dt, parent=None), self.get_variable("params", "layers"), x, None)
+            return x
         layers = nn.scan(
             CLIPEncoderLayer,
             variable_axes={"params": 0},

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .layers import bits_view
 from .llama import init_cache, unstack_layers
 from .llava import Llava, merge_image_features
 from .sharding import put, to_host
@@ -175,6 +176,16 @@ class Decoder:
             cached = self._decode_params = (params, unstack_layers(params) or params)
         return cached[1]
 
+    def prefill_params(self, params):
+        """The params `prefill` takes: on one CPU device, 16-bit stacked kernels as uint16 views of the same
+        buffers (`layers.bits_view`, see `layers.scan_stacked`); otherwise `params` itself."""
+        if self.plan is not None:
+            return params
+        cached = getattr(self, "_prefill_params", None)
+        if cached is None or cached[0] is not params:
+            cached = self._prefill_params = (params, bits_view(params))
+        return cached[1]
+
     def _apply(self, params, *args, method):
         return self.module.apply({"params": params}, *args, method=method)
 
@@ -246,7 +257,7 @@ def run_generation(decoder: Decoder, params, batch: PreparedBatch, sampler, *, m
     sampler = rep(sampler)
     inputs = [decoder.put_input(name, getattr(batch, name)) for name in
               ("input_ids", "features", "feature_positions", "positions", "attention_mask")]
-    state = decoder.prefill(params, *inputs, sampler, key, stops, max_new, cache_len)
+    state = decoder.prefill(decoder.prefill_params(params), *inputs, sampler, key, stops, max_new, cache_len)
     if len(batch.lengths) > rows:
         state["done"] = decoder.stop_rows(state["done"], np.arange(len(batch.lengths)) >= rows)
     chunk = chunk or max_new_tokens

@@ -11,6 +11,8 @@ attends over the whole cache, restricted by `kv_mask` (batch, cache_len): True w
 a call with one token.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import numpy as np
 
 from .attention import causal_self_attention, dot_product_attention
 from .config import TextConfig
-from .layers import Dense
+from .layers import Dense, DenseParams, fused_dense, scan_stacked
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +50,18 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
+def update_slice(buffer, update, start):
+    """`dynamic_update_slice`, in place. A 16-bit float buffer is updated through a uint16 view: XLA:CPU
+    otherwise widens the whole buffer to fp32 and back when the update's producer fuses into it (a full copy
+    of the KV cache per layer per decode step)."""
+    update = update.astype(buffer.dtype)
+    if buffer.dtype.itemsize == 2 and jnp.issubdtype(buffer.dtype, jnp.floating):
+        bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(buffer, jnp.uint16),
+                                            jax.lax.bitcast_convert_type(update, jnp.uint16), start)
+        return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+    return jax.lax.dynamic_update_slice(buffer, update, start)
+
+
 class DecoderLayer(nn.Module):
     """One decoder layer. `layer_cache` is this layer's {"k", "v"} (batch, cache_len, kv_heads, head_dim), or,
     with `layer_index` set, the whole stacked cache, of which the layer writes and reads slot `layer_index`
@@ -64,21 +78,26 @@ class DecoderLayer(nn.Module):
         batch, seq, _ = x.shape
         hd = cfg.head_dim
 
+        proj = lambda n, name: DenseParams(n, use_bias=False, dtype=dt, name=name)(cfg.hidden_size)  # noqa: E731
+        fuse = seq > 1 and os.environ.get("LLAVA_JAX_FUSE", "1") != "0"  # prompt: fused matmuls; decode: in place
+
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-        q = dense(cfg.num_heads * hd, "q_proj")(h).reshape(batch, seq, cfg.num_heads, hd)
-        k = dense(cfg.num_kv_heads * hd, "k_proj")(h).reshape(batch, seq, cfg.num_kv_heads, hd)
-        v = dense(cfg.num_kv_heads * hd, "v_proj")(h).reshape(batch, seq, cfg.num_kv_heads, hd)
+        q, k, v = fused_dense(h, [proj(cfg.num_heads * hd, "q_proj"), proj(cfg.num_kv_heads * hd, "k_proj"),
+                                  proj(cfg.num_kv_heads * hd, "v_proj")], dt, fuse)
+        q = q.reshape(batch, seq, cfg.num_heads, hd)
+        k = k.reshape(batch, seq, cfg.num_kv_heads, hd)
+        v = v.reshape(batch, seq, cfg.num_kv_heads, hd)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.astype(layer_cache["k"].dtype), v.astype(layer_cache["v"].dtype)
         if self.layer_index is None:
-            cache_k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k, write_index, 1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v, write_index, 1)
+            cache_k = update_slice(layer_cache["k"], k, (0, write_index, 0, 0))
+            cache_v = update_slice(layer_cache["v"], v, (0, write_index, 0, 0))
             keys, values = cache_k, cache_v
         else:
             start = (self.layer_index, 0, write_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(layer_cache["k"], k[None], start)
-            cache_v = jax.lax.dynamic_update_slice(layer_cache["v"], v[None], start)
+            cache_k = update_slice(layer_cache["k"], k[None], start)
+            cache_v = update_slice(layer_cache["v"], v[None], start)
             keys, values = cache_k[self.layer_index], cache_v[self.layer_index]
         if isinstance(write_index, int) and write_index == 0 and seq > 1:
             # a prompt into an empty cache: its keys are exactly the new ones, slots past `seq` are all masked
@@ -88,7 +107,9 @@ class DecoderLayer(nn.Module):
         x = x + dense(cfg.hidden_size, "o_proj")(attn.reshape(batch, seq, -1))
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
-        h = nn.silu(dense(cfg.intermediate_size, "gate_proj")(h)) * dense(cfg.intermediate_size, "up_proj")(h)
+        gate, up = fused_dense(h, [proj(cfg.intermediate_size, "gate_proj"), proj(cfg.intermediate_size, "up_proj")],
+                               dt, fuse)
+        h = nn.silu(gate) * up
         x = x + dense(cfg.hidden_size, "down_proj")(h)
         return x, {"k": cache_k, "v": cache_v}
 
@@ -137,6 +158,10 @@ class LlamaDecoder(nn.Module):
             for i, layer_params in enumerate(layers):
                 x, cache = DecoderLayer(self.cfg, self.dtype, layer_index=i, parent=None).apply(
                     {"params": layer_params}, x, cache, (cos, sin), mask, write_index)
+            return self.norm(x), cache
+        if layers is not None:  # (the nn.scan below only creates the params, at init)
+            x, cache = scan_stacked(DecoderLayer(self.cfg, self.dtype, parent=None), layers, x, cache, (cos, sin),
+                                    mask, write_index)
             return self.norm(x), cache
         x, cache = self.layers(x, cache, (cos, sin), mask, write_index)
         return self.norm(x), cache

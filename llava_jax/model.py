@@ -13,6 +13,7 @@ from .config import LlavaConfig, load_config
 from .errors import InputError
 from .generate import Decoder, PreparedBatch, pad_batch, scatter_image_features
 from .image import AnyResPlan, anyres_plan
+from .layers import bits_view
 from .llama import init_cache
 from .llava import Llava, merge_image_features
 from .sharding import ShardingPlan, maybe_initialize_distributed, place_params, put, resolve_mesh, to_host
@@ -118,6 +119,16 @@ class LlavaModel:
                                           inp("feature_positions"), inp("positions"), inp("attention_mask")),
                        out_shardings=self.plan.logits_sharding(self.config.text.vocab_size))
 
+    def _scan_params(self) -> dict:
+        """`params` for the vision and full-forward programs: without a mesh, 16-bit stacked kernels as uint16
+        views of the same buffers (`layers.bits_view`: else XLA:CPU widens each whole stack to fp32)."""
+        if self.plan is not None:
+            return self.params
+        cached = self.__dict__.get("_scan_params_cache")
+        if cached is None or cached[0] is not self.params:
+            cached = self.__dict__["_scan_params_cache"] = (self.params, bits_view(self.params))
+        return cached[1]
+
     @functools.cached_property
     def decoder(self) -> Decoder:
         """The jitted prefill / decode programs used by `generate`."""
@@ -151,7 +162,7 @@ class LlavaModel:
             crops = jnp.asarray(crops)
         else:
             crops, padded = put(crops, self.plan.replicated), put(padded, self.plan.replicated)
-        out = self._encode_pack(self.params, crops, padded)
+        out = self._encode_pack(self._scan_params(), crops, padded)
         return np.asarray(out[: len(index)])
 
     def image_features(self, pixel_values, image_sizes=None) -> list[np.ndarray]:
@@ -247,7 +258,7 @@ class LlavaModel:
                                                              self.config.text.hidden_size, self.dtype)
         if self.plan is None:
             logits = self._full_forward(
-                self.params, jnp.asarray(ids, jnp.int32), features, feature_positions,
+                self._scan_params(), jnp.asarray(ids, jnp.int32), features, feature_positions,
                 jnp.asarray(positions, jnp.int32), jnp.asarray(mask),
             )
             return np.asarray(logits)

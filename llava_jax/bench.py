@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -64,10 +63,6 @@ SHAPES = {
         pinpoints=[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
     ),
 }
-SAFETENSORS_DTYPES = {"float16": ("F16", np.float16), "bfloat16": ("BF16", None), "float32": ("F32", np.float32)}
-SHARD_BYTES = 2 << 30
-
-
 def checkpoint_config(shape: str, dtype: str = "float16") -> dict:
     """The llava-hf `config.json` of a benchmark shape."""
     s = SHAPES[shape]
@@ -93,79 +88,6 @@ def checkpoint_config(shape: str, dtype: str = "float16") -> dict:
         "text_config": text,
         "vision_config": vision,
     }
-
-
-def checkpoint_tensors(config: dict) -> list[tuple[str, tuple[int, ...], str, float]]:
-    """(llava-hf name, shape, init kind, scale) of every tensor, in write order.
-
-    Kinds: "normal" (scale * N(0, 1)), "norm" (1 + scale * N(0, 1)). Scales keep activations of order one:
-    Linear weights 1/sqrt(fan_in), biases and norm jitter 0.1, embeddings 1; lm_head 3/sqrt(fan_in), peaked
-    enough that greedy text is not one repeated token.
-    """
-    v, t = config["vision_config"], config["text_config"]
-    vh, th = v["hidden_size"], t["hidden_size"]
-    kv = th // t["num_attention_heads"] * t["num_key_value_heads"]
-    out = []
-
-    def linear(name, n_out, n_in, bias=True, gain=1.0):
-        out.append((name + ".weight", (n_out, n_in), "normal", gain / math.sqrt(n_in)))
-        if bias:
-            out.append((name + ".bias", (n_out,), "normal", 0.1))
-
-    def norm(name, n, bias=True):
-        out.append((name + ".weight", (n,), "norm", 0.1))
-        if bias:
-            out.append((name + ".bias", (n,), "normal", 0.1))
-
-    p, grid = v["patch_size"], v["image_size"] // v["patch_size"]
-    pre = "model.vision_tower.vision_model."
-    out.append((pre + "embeddings.patch_embedding.weight", (vh, 3, p, p), "normal", 1 / math.sqrt(3 * p * p)))
-    out.append((pre + "embeddings.class_embedding", (vh,), "normal", 1.0))
-    out.append((pre + "embeddings.position_embedding.weight", (grid * grid + 1, vh), "normal", 1.0))
-    norm(pre + "pre_layrnorm", vh)
-    for i in range(v["num_hidden_layers"]):
-        lp = f"{pre}encoder.layers.{i}."
-        for m in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(lp + "self_attn." + m, vh, vh)
-        norm(lp + "layer_norm1", vh)
-        norm(lp + "layer_norm2", vh)
-        linear(lp + "mlp.fc1", v["intermediate_size"], vh)
-        linear(lp + "mlp.fc2", vh, v["intermediate_size"])
-    norm(pre + "post_layernorm", vh)
-    linear("model.multi_modal_projector.linear_1", th, vh)
-    linear("model.multi_modal_projector.linear_2", th, th)
-    out.append(("model.image_newline", (th,), "normal", 1.0))
-    pre = "model.language_model."
-    out.append((pre + "embed_tokens.weight", (t["vocab_size"], th), "normal", 1.0))
-    for i in range(t["num_hidden_layers"]):
-        lp = f"{pre}layers.{i}."
-        linear(lp + "self_attn.q_proj", th, th, bias=False)
-        linear(lp + "self_attn.k_proj", kv, th, bias=False)
-        linear(lp + "self_attn.v_proj", kv, th, bias=False)
-        linear(lp + "self_attn.o_proj", th, th, bias=False)
-        linear(lp + "mlp.gate_proj", t["intermediate_size"], th, bias=False)
-        linear(lp + "mlp.up_proj", t["intermediate_size"], th, bias=False)
-        linear(lp + "mlp.down_proj", th, t["intermediate_size"], bias=False)
-        norm(lp + "input_layernorm", th, bias=False)
-        norm(lp + "post_attention_layernorm", th, bias=False)
-    norm(pre + "norm", th, bias=False)
-    linear("lm_head", t["vocab_size"], th, bias=False, gain=3.0)
-    return out
-
-
-def _tensor_blocks(name: str, shape: tuple[int, ...], kind: str, scale: float, seed: int, np_dtype,
-                   block_elems: int = 1 << 24):
-    """The tensor's values in row blocks (bounded memory), from a generator seeded by (seed, name)."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    rows = shape[0]
-    row_elems = max(1, math.prod(shape[1:]))
-    step = max(1, block_elems // row_elems)
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        block = rng.standard_normal((n, *shape[1:]), np.float32) * np.float32(scale)
-        if kind == "norm":
-            block += np.float32(1.0)
-        yield block.astype(np_dtype)
 
 
 def _write_tokenizer(path: Path) -> None:
@@ -203,62 +125,19 @@ def _write_processor_files(path: Path, config: dict) -> None:
 
 
 def make_checkpoint(path, shape: str = "tinyllava", dtype: str = "float16", seed: int = 0,
-                    shard_bytes: int = SHARD_BYTES, log=None) -> Path:
-    """Write a deterministic random-weight llava-hf LLaVA-NeXT checkpoint of `shape` into `path`.
-
-    Each tensor is generated and written in row blocks straight into its safetensors shard (the header is
-    computed first from the shapes), so memory stays at one block whatever the model size.
-    """
-    import ml_dtypes
+                    shard_bytes: int | None = None, log=None) -> Path:
+    """Write a deterministic random-weight llava-hf LLaVA-NeXT checkpoint of `shape` into `path`, with the
+    Mistral tokenizer and the processor files HF's `AutoProcessor` needs. Memory stays at one block of one
+    tensor whatever the model size (`random_checkpoint.write_random_checkpoint`)."""
+    from .random_checkpoint import SHARD_BYTES, write_random_checkpoint
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = checkpoint_config(shape, dtype)
-    st_dtype, np_dtype = SAFETENSORS_DTYPES[dtype]
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if np_dtype is None else np.dtype(np_dtype)
-    tensors = checkpoint_tensors(config)
-    shards: list[list] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = math.prod(t[1]) * np_dtype.itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-             if len(shards) > 1 else ["model.safetensors"])
-    weight_map, total, params = {}, 0, 0
-    started = time.perf_counter()
-    for fname, shard in zip(names, shards, strict=True):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shp, _, _ in shard:
-            nbytes = math.prod(shp) * np_dtype.itemsize
-            header[name] = {"dtype": st_dtype, "shape": list(shp), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = fname
-            params += math.prod(shp)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        tmp = path / f".{fname}.partial"
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for name, shp, kind, scale in shard:
-                for block in _tensor_blocks(name, shp, kind, scale, seed, np_dtype):
-                    f.write(block.tobytes())
-        os.replace(tmp, path / fname)
-        total += offset
-        if log:
-            log(f"wrote {fname} ({offset / 1e9:.2f} GB) at {time.perf_counter() - started:.0f} s")
-    if len(names) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    params = write_random_checkpoint(path, config, dtype, seed, shard_bytes or SHARD_BYTES, log)
     _write_tokenizer(path)
     _write_processor_files(path, config)
     if log:
-        log(f"{path}: {shape} LLaVA-NeXT, {params / 1e9:.3f} B parameters, {total / 1e9:.2f} GB of {dtype}")
+        log(f"{path}: {shape} LLaVA-NeXT, {params / 1e9:.3f} B parameters of {dtype}")
     return path
 
 
@@ -425,7 +304,7 @@ def jax_side(opts: dict) -> dict:
     import llava_jax
 
     t = time.perf_counter()
-    model = llava_jax.load(opts["model"], dtype=opts["dtype"])
+    model = llava_jax.load(opts["model"], dtype=opts["dtype"], mesh=opts["mesh"], fsdp=opts["fsdp"])
     jax.block_until_ready(model.params)
     load_s = time.perf_counter() - t
     rss_loaded = _rss_bytes()
@@ -460,6 +339,7 @@ def jax_side(opts: dict) -> dict:
     for key in ("prompt_tokens", "image_tokens", "crops", "prompt_bucket", "cache_len", "input_ids_crc"):
         out[key] = cold[key]
     out["backend"] = jax.default_backend()
+    out["mesh"] = dict(model.plan.mesh.shape) if model.plan is not None else None
     out["versions"] = {"jax": jax.__version__, "jaxlib": __import__("jaxlib").__version__}
     return out
 
@@ -619,7 +499,7 @@ def run_bench(args) -> dict:
     text = render_prompt(default_template(config), [with_image_markers(args.prompt, 1)])
     opts = {"model": model_dir, "dtype": args.dtype, "image_size": [width, height], "image": args.image,
             "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "text": text,
-            "compile_cache": args.compile_cache}
+            "compile_cache": args.compile_cache, "mesh": args.mesh, "fsdp": args.fsdp}
     weights = text_weight_bytes(config, args.dtype)
     _log("measuring memory read bandwidth")
     bw = measure_bandwidth()
@@ -709,7 +589,7 @@ def add_bench_parser(subparsers, add_model_args) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--make-checkpoint", metavar="DIR", help="write a random-weight benchmark checkpoint and exit")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllava", help="with --make-checkpoint")
-    p.add_argument("--checkpoint-dtype", choices=sorted(SAFETENSORS_DTYPES), default="float16",
+    p.add_argument("--checkpoint-dtype", choices=["bfloat16", "float16", "float32"], default="float16",
                    help="with --make-checkpoint: the stored dtype (default float16, as llava-hf publishes)")
     p.add_argument("--seed", type=int, default=0, help="with --make-checkpoint")
     p.set_defaults(func=cmd_bench)

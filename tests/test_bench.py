@@ -109,3 +109,14 @@ def test_second_generate_run_uses_the_persistent_cache(checkpoint, tmp_path):
     assert model_programs <= hits
     assert not MISS.findall(second.stderr), MISS.findall(second.stderr)
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new written
+
+
+def test_bench_runs_on_a_mesh(checkpoint):
+    """--mesh reaches the benchmarked model: on 4 simulated devices, data=2,model=2 gives the one-device tokens."""
+    args = ["bench", "--model", str(checkpoint), "--image-size", "200x150", "--new-tokens", "4", "--repeats", "0",
+            "--json"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    sharded = json.loads(cli(*args, "--mesh", "data=2,model=2", env=env).stdout)
+    single = json.loads(cli(*args, "--mesh", "none", env=env).stdout)
+    assert sharded["jax"]["mesh"] == {"data": 2, "model": 2} and single["jax"]["mesh"] is None
+    assert sharded["jax"]["tokens"] == single["jax"]["tokens"] and len(single["jax"]["tokens"]) == 4

@@ -142,28 +142,6 @@ def make_checkpoint(path, shape: str = "tinyllava", dtype: str = "float16", seed
 
 
 # ------------------------------------------------------------------------------------------------------------
-# XLA:CPU flags
-
-# Measured on this workload (2-core Zen 4, jax 0.10; see the notes of issue 7): by default XLA:CPU hands the
-# softmax reductions of attention to YNNPACK fused graphs, which run them several times slower than XLA's own
-# loops (vision attention 150 -> 94 ms a layer without them); and XLA's GEMM/matvec emitters without XNNPACK
-# are a few percent faster on these shapes. They change speed only, never results.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "--xla_cpu_use_xnnpack=false")
-
-
-def set_default_xla_flags() -> None:
-    """Add `CPU_XLA_FLAGS` to XLA_FLAGS (flags the user set win); must run before jax starts its backend.
-    LLAVA_JAX_XLA_FLAGS=0 leaves XLA_FLAGS alone."""
-    if os.environ.get("LLAVA_JAX_XLA_FLAGS", "1").lower() in ("0", "off", "none", "false"):
-        return
-    current = os.environ.get("XLA_FLAGS", "")
-    given = {flag.split("=")[0] for flag in current.split()}
-    extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in given]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([*extra, current]).strip()
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Shared helpers (both sides; the torch side imports nothing from llava_jax, so that its peak RSS is its own)
 
 RESULT_MARK = "LLAVA_JAX_BENCH_RESULT "

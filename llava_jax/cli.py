@@ -13,6 +13,25 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
+# Measured on this workload (2-core Zen 4, jax 0.10; see docs/benchmarks and the benchmark section of the
+# README): by default XLA:CPU hands the softmax reductions of attention to YNNPACK fused graphs, which run them
+# several times slower than XLA's own loops (vision attention 150 -> 94 ms a layer without them); and XLA's
+# GEMM/matvec emitters without XNNPACK are a few percent faster on these shapes. They change speed, not results.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "--xla_cpu_use_xnnpack=false")
+
+
+def set_default_xla_flags() -> None:
+    """Add `CPU_XLA_FLAGS` to XLA_FLAGS (flags the user set win); must run before jax starts its backend.
+    LLAVA_JAX_XLA_FLAGS=0 leaves XLA_FLAGS alone."""
+    if os.environ.get("LLAVA_JAX_XLA_FLAGS", "1").lower() in ("0", "off", "none", "false"):
+        return
+    current = os.environ.get("XLA_FLAGS", "")
+    given = {flag.split("=")[0] for flag in current.split()}
+    extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in given]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([*extra, current]).strip()
+
+
 def _enable_compilation_cache() -> None:
     """Persist compiled XLA programs, so that a second run of the CLI does not compile again."""
     import jax
@@ -152,6 +171,8 @@ def cmd_chat(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="llava-jax", description="LLaVA-1.5 / LLaVA-NeXT in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt about zero or more images")
@@ -165,22 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
-    try:
-        from .bench import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub, _add_model_args)
+    add_bench_parser(sub, _add_model_args)
     return parser
 
 
 def main(argv=None) -> int:
-    try:  # XLA:CPU flags that speed up this workload; before jax starts its backend
-        from .bench import set_default_xla_flags
-    except ImportError:
-        pass
-    else:
-        set_default_xla_flags()
+    set_default_xla_flags()  # before jax starts its backend
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .errors import InputError

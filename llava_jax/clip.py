@@ -4,8 +4,6 @@ Parameter names follow HF's `CLIPVisionModel` so that the weight table stays a p
 to the selected feature layer exist: the last layer and `post_layernorm` never influence LLaVA's output.
 """
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,7 @@ class CLIPEncoderLayer(nn.Module):
         h = norm("layer_norm1")(x)
         split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)  # noqa: E731
         qkv = [DenseParams(cfg.hidden_size, dtype=dt, name=n)(cfg.hidden_size) for n in ("q_proj", "k_proj", "v_proj")]
-        q, k, v = (split(t) for t in fused_dense(h, qkv, dt, os.environ.get("LLAVA_JAX_FUSE", "1") != "0"))
+        q, k, v = (split(t) for t in fused_dense(h, qkv, dt))
         attn = dot_product_attention(q, k, v).reshape(x.shape)
         x = x + dense(cfg.hidden_size, "out_proj")(attn)
 

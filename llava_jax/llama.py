@@ -11,8 +11,6 @@ attends over the whole cache, restricted by `kv_mask` (batch, cache_len): True w
 a call with one token.
 """
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +77,7 @@ class DecoderLayer(nn.Module):
         hd = cfg.head_dim
 
         proj = lambda n, name: DenseParams(n, use_bias=False, dtype=dt, name=name)(cfg.hidden_size)  # noqa: E731
-        fuse = seq > 1 and os.environ.get("LLAVA_JAX_FUSE", "1") != "0"  # prompt: fused matmuls; decode: in place
+        fuse = seq > 1  # a prompt: fused matmuls; a decode step: each weight read where it lies
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
         q, k, v = fused_dense(h, [proj(cfg.num_heads * hd, "q_proj"), proj(cfg.num_kv_heads * hd, "k_proj"),

@@ -171,20 +171,22 @@ class Decoder:
         layer's slice first; otherwise `params` itself. LLAVA_JAX_UNSTACKED_DECODE=0 turns the views off."""
         if self.plan is not None or os.environ.get("LLAVA_JAX_UNSTACKED_DECODE", "1") == "0":
             return params
-        cached = getattr(self, "_decode_params", None)
-        if cached is None or cached[0] is not params:
-            cached = self._decode_params = (params, unstack_layers(params) or params)
-        return cached[1]
+        return self._view("decode", params, lambda p: unstack_layers(p) or p)
 
-    def prefill_params(self, params):
-        """The params `prefill` takes: on one CPU device, 16-bit stacked kernels as uint16 views of the same
-        buffers (`layers.bits_view`, see `layers.scan_stacked`); otherwise `params` itself."""
+    def scan_params(self, params):
+        """The params of the programs that scan over stacked layers (prefill; the model's vision tower and full
+        forward): on one CPU device, 16-bit stacked kernels as uint16 views of the same buffers
+        (`layers.bits_view`, see `layers.scan_stacked`); otherwise `params` itself."""
         if self.plan is not None:
             return params
-        cached = getattr(self, "_prefill_params", None)
-        if cached is None or cached[0] is not params:
-            cached = self._prefill_params = (params, bits_view(params))
-        return cached[1]
+        return self._view("scan", params, bits_view)
+
+    def _view(self, kind: str, params, make):
+        """`make(params)`, remembered for the latest `params` of each kind (views are zero-copy but not free)."""
+        views = self.__dict__.setdefault("_views", {})
+        if kind not in views or views[kind][0] is not params:
+            views[kind] = (params, make(params))
+        return views[kind][1]
 
     def _apply(self, params, *args, method):
         return self.module.apply({"params": params}, *args, method=method)
@@ -257,7 +259,7 @@ def run_generation(decoder: Decoder, params, batch: PreparedBatch, sampler, *, m
     sampler = rep(sampler)
     inputs = [decoder.put_input(name, getattr(batch, name)) for name in
               ("input_ids", "features", "feature_positions", "positions", "attention_mask")]
-    state = decoder.prefill(decoder.prefill_params(params), *inputs, sampler, key, stops, max_new, cache_len)
+    state = decoder.prefill(decoder.scan_params(params), *inputs, sampler, key, stops, max_new, cache_len)
     if len(batch.lengths) > rows:
         state["done"] = decoder.stop_rows(state["done"], np.arange(len(batch.lengths)) >= rows)
     chunk = chunk or max_new_tokens

@@ -124,6 +124,13 @@ def scan_stacked(layer: nn.Module, stacked_params, carry, xs, *broadcast):
     return carry, from_bits(ys, dtypes[1])
 
 
+def zero_copy_put(host: np.ndarray, device) -> jax.Array | None:
+    """`host` (a view into a CPU device buffer) as a device array sharing its memory, or None where jax would
+    copy it (a buffer not 64-byte aligned)."""
+    array = jax.device_put(host, device)
+    return array if array.unsafe_buffer_pointer() == host.ctypes.data else None
+
+
 def bits_view(params: dict) -> dict:
     """`params` with every stacked (3-D or more) 16-bit float kernel replaced by a uint16 array sharing its
     buffer (zero-copy, on one CPU device), for `scan_stacked`; `params` itself when there is nothing to view
@@ -133,7 +140,7 @@ def bits_view(params: dict) -> dict:
         if not (isinstance(leaf, jax.Array) and leaf.ndim >= 3 and name.endswith("['kernel']")
                 and _is_16bit_float(leaf) and len(leaf.devices()) == 1 and leaf.device.platform == "cpu"):
             return leaf
-        bits = jax.device_put(np.asarray(leaf).view(np.uint16), leaf.device)
-        return bits if bits.unsafe_buffer_pointer() == leaf.unsafe_buffer_pointer() else leaf
+        bits = zero_copy_put(np.asarray(leaf).view(np.uint16), leaf.device)
+        return leaf if bits is None else bits
 
     return jax.tree_util.tree_map_with_path(view, params)

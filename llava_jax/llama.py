@@ -18,7 +18,7 @@ import numpy as np
 
 from .attention import causal_self_attention, dot_product_attention
 from .config import TextConfig
-from .layers import Dense, DenseParams, fused_dense, scan_stacked
+from .layers import Dense, DenseParams, fused_dense, scan_stacked, zero_copy_put
 
 
 class RMSNorm(nn.Module):
@@ -187,8 +187,8 @@ def unstack_layers(params: dict) -> dict | None:
     device = leaves[0].device
     per_layer = []
     for i in range(host[0].shape[0]):
-        views = [jax.device_put(h[i], device) for h in host]  # zero-copy where the slice is 64-byte aligned
-        if any(v.unsafe_buffer_pointer() != h[i].ctypes.data for v, h in zip(views, host, strict=True)):
-            return None  # jax copied: per-layer arrays would double the decoder's memory
+        views = [zero_copy_put(h[i], device) for h in host]
+        if any(v is None for v in views):
+            return None  # jax would copy: per-layer arrays would double the decoder's memory
         per_layer.append(jax.tree_util.tree_unflatten(treedef, views))
     return {**params, "language_model": {**params["language_model"], "layers": per_layer}}

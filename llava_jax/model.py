@@ -13,7 +13,6 @@ from .config import LlavaConfig, load_config
 from .errors import InputError
 from .generate import Decoder, PreparedBatch, pad_batch, scatter_image_features
 from .image import AnyResPlan, anyres_plan
-from .layers import bits_view
 from .llama import init_cache
 from .llava import Llava, merge_image_features
 from .sharding import ShardingPlan, maybe_initialize_distributed, place_params, put, resolve_mesh, to_host
@@ -120,14 +119,9 @@ class LlavaModel:
                        out_shardings=self.plan.logits_sharding(self.config.text.vocab_size))
 
     def _scan_params(self) -> dict:
-        """`params` for the vision and full-forward programs: without a mesh, 16-bit stacked kernels as uint16
-        views of the same buffers (`layers.bits_view`: else XLA:CPU widens each whole stack to fp32)."""
-        if self.plan is not None:
-            return self.params
-        cached = self.__dict__.get("_scan_params_cache")
-        if cached is None or cached[0] is not self.params:
-            cached = self.__dict__["_scan_params_cache"] = (self.params, bits_view(self.params))
-        return cached[1]
+        """`params` for the vision and full-forward programs (`Decoder.scan_params`: the same views prefill
+        uses)."""
+        return self.decoder.scan_params(self.params)
 
     @functools.cached_property
     def decoder(self) -> Decoder:

@@ -52,7 +52,7 @@ def test_decode_views_and_bits_give_the_same_tokens(checkpoint, dtype, monkeypat
     assert isinstance(model.decoder.decode_params(model.params)["language_model"]["layers"], list)
     monkeypatch.setenv("LLAVA_JAX_UNSTACKED_DECODE", "0")
     plain = llava_jax.LlavaModel(model.config, model.params, model.dtype)
-    plain.decoder.prefill_params = lambda params: params  # no uint16 views either
+    plain.decoder.scan_params = lambda params: params  # no uint16 views either
     assert plain.generate_ids(ids, max_new_tokens=12, stop_token_ids=[]) == fast
 
 

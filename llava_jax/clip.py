@@ -1,16 +1,16 @@
-"""CLIP vision transformer, stopping at LLaVA's feature layer.
+"""CLIP vision transformer (HF's `CLIPVisionModel`), stopping at the last hidden state LLaVA reads.
 
-Parameter names follow HF's `CLIPVisionModel` so that the weight table stays a plain rename. Only the layers up
-to the selected feature layer exist: the last layer and `post_layernorm` never influence LLaVA's output.
+Parameter names follow HF's so that the weight table stays a plain rename. Only the layers up to the deepest
+selected feature layer exist: CLIP's last layer and `post_layernorm` never influence LLaVA's output.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import dot_product_attention
 from .config import VisionConfig
-from .layers import Dense, DenseParams, fused_dense, scan_stacked
+from .kernels import get_kernels
+from .linear import Linear, stacked_layers
 
 
 def quick_gelu(x):
@@ -20,24 +20,26 @@ def quick_gelu(x):
 class CLIPEncoderLayer(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "reference"
 
     @nn.compact
-    def __call__(self, x, _=None):
-        cfg, dt = self.cfg, self.dtype
-        heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-        dense = lambda n, name: Dense(n, dtype=dt, name=name)  # noqa: E731
+    def __call__(self, x):
+        cfg, dt, K = self.cfg, self.dtype, get_kernels(self.kernels)
+        width, heads = cfg.hidden_size, cfg.num_heads
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name=name)  # noqa: E731
+        linear = lambda n, name: Linear(n, dtype=dt, name=name)  # noqa: E731
 
         h = norm("layer_norm1")(x)
-        split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)  # noqa: E731
-        qkv = [DenseParams(cfg.hidden_size, dtype=dt, name=n)(cfg.hidden_size) for n in ("q_proj", "k_proj", "v_proj")]
-        q, k, v = (split(t) for t in fused_dense(h, qkv, dt))
-        attn = dot_product_attention(q, k, v).reshape(x.shape)
-        x = x + dense(cfg.hidden_size, "out_proj")(attn)
+        q, k, v = (t.astype(dt).reshape(*x.shape[:2], heads, width // heads) for t in K.project(
+            h, [linear(width, n)(width) for n in ("q_proj", "k_proj", "v_proj")]))
+        attn = K.attention(q, k, v).reshape(x.shape)
+        (out,) = K.project(attn, [linear(width, "out_proj")(width)])
+        x = x + out.astype(dt)
 
         h = norm("layer_norm2")(x)
-        h = dense(cfg.hidden_size, "fc2")(quick_gelu(dense(cfg.intermediate_size, "fc1")(h)))
-        return x + h, None
+        (h,) = K.project(h, [linear(cfg.intermediate_size, "fc1")(width)])
+        (h,) = K.project(quick_gelu(h.astype(dt)), [linear(width, "fc2")(cfg.intermediate_size)])
+        return x + h.astype(dt)
 
 
 class CLIPVisionTower(nn.Module):
@@ -46,30 +48,25 @@ class CLIPVisionTower(nn.Module):
     cfg: VisionConfig
     num_layers: int
     dtype: jnp.dtype = jnp.float32
+    kernels: str = "reference"
 
     @nn.compact
     def __call__(self, pixel_values):
-        cfg, dt = self.cfg, self.dtype
+        cfg, dt, K = self.cfg, self.dtype, get_kernels(self.kernels)
         n, c, size, _ = pixel_values.shape
         p, g = cfg.patch_size, size // cfg.patch_size
         # The patch Conv2d (stride = kernel, no bias) as a matmul over flattened (channel, row, col) patches:
         # the same order as torch's (out, in, kh, kw) weight flattened.
         patches = pixel_values.astype(dt).reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(n, g * g, c * p * p)
-        x = Dense(cfg.hidden_size, use_bias=False, dtype=dt, name="patch_embedding")(patches)
+        (x,) = K.project(patches, [Linear(cfg.hidden_size, use_bias=False, dtype=dt, name="patch_embedding")(
+            c * p * p)])
         cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,), dt)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.hidden_size)), x], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.hidden_size)), x.astype(dt)], axis=1)
         pos = self.param("position_embedding", nn.initializers.normal(1.0), (g * g + 1, cfg.hidden_size), dt)
-        x = x + pos[None]
-        x = nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name="pre_layrnorm")(x)
-        if self.has_variable("params", "layers"):  # see `scan_stacked`; the nn.scan below creates the params
-            x, _ = scan_stacked(CLIPEncoderLayer(cfg, dt, parent=None), self.get_variable("params", "layers"), x, None)
-            return x
-        layers = nn.scan(
-            CLIPEncoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=self.num_layers,
-        )(cfg, dt, name="layers")
-        x, _ = layers(x, None)
+        x = nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name="pre_layrnorm")(x + pos[None])
+
+        layer = CLIPEncoderLayer(cfg, dt, self.kernels, parent=None)
+        layers = stacked_layers(self, "layers", layer, self.num_layers, x[:1, :2])
+        x, _ = K.scan_layers(lambda params, h, _: (layer.apply({"params": params}, h), None), layers, x)
         return x

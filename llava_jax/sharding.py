@@ -75,7 +75,7 @@ PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
 ]
 _PARAM_AXES = [(re.compile(pattern + "$"), axes) for pattern, axes in PARAM_AXES]
 
-# The KV cache (layout fixed by llama.py), the decode state (generate.Decoder) and batch inputs. `tokens` and
+# The KV cache (layout fixed by llama.py), the decode state (engine.DecodeState) and batch inputs. `tokens` and
 # `done` are replicated: tiny, and every host reads them after each decode chunk (multi-host included).
 STATE_AXES: dict[str, tuple[str | None, ...]] = {
     "cache": ("layers", "batch", "length", "kv_heads", "head_dim"),
@@ -91,8 +91,7 @@ INPUT_AXES: dict[str, tuple[str | None, ...]] = {
     "input_ids": ("batch", "length"),
     "attention_mask": ("batch", "length"),
     "positions": ("batch", "length"),
-    "features": ("batch", "embed_act"),  # (batch * bucket, hidden), flat rows in batch-major order
-    "feature_positions": ("batch",),
+    "embeds": ("batch", "length", "embed_act"),
     "logits": ("batch", "length", "vocab"),
 }
 
@@ -243,7 +242,7 @@ def resolve_mesh(mesh, config=None) -> Mesh | None:
 
 # ---- shardings -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ShardingPlan:
+class ShardingRules:
     """Shardings of every array of one model on one mesh (from the rule table)."""
 
     mesh: Mesh
@@ -251,7 +250,7 @@ class ShardingPlan:
     fsdp: bool = False
 
     @classmethod
-    def create(cls, mesh: Mesh, config, fsdp: bool = False) -> ShardingPlan:
+    def create(cls, mesh: Mesh, config, fsdp: bool = False) -> ShardingRules:
         return cls(mesh, head_units(config), fsdp)
 
     @property
@@ -308,20 +307,8 @@ class ShardingPlan:
         return jax.tree_util.tree_map_with_path(one, params)
 
     def input_sharding(self, name: str) -> NamedSharding:
+        """The sharding of a batch array named in `INPUT_AXES`."""
         return self.sharding(INPUT_AXES[name], name=name)
-
-    def logits_sharding(self, vocab_size: int) -> NamedSharding:
-        return self.sharding(INPUT_AXES["logits"], (self.data_size, 1, vocab_size), name="logits")
-
-    def cache_shardings(self) -> dict:
-        s = self.sharding(STATE_AXES["cache"], name="kv cache")
-        return {"k": s, "v": s}
-
-    def state_shardings(self) -> dict:
-        """Shardings of `generate.Decoder`'s decode state dict (batch dimensions divide `data_size`)."""
-        out = {k: self.sharding(axes, name=k) for k, axes in STATE_AXES.items() if k != "cache"}
-        out["cache"] = self.cache_shardings()
-        return out
 
 
 # ---- placing arrays ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .generate import cache_bucket, prepare_batch, prompt_bucket, run_generation
+from .batch import ImageCrops, cache_bucket, left_pad, make_batch, prompt_bucket
 from .prompt import IMAGE_MARKER, PromptError, default_template, render_prompt, with_image_markers
 from .sampling import make_sampler
 
@@ -93,20 +93,14 @@ def generate(model, prompts, images=None, *, max_new_tokens: int = 128, temperat
                                return_ids=return_ids, stream=stream, single=single)
 
 
-def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max_new_tokens, temperature, top_p,
-                        top_k, seed, stop, stop_token_ids, return_ids, stream, single=False):
-    """Generate from fully rendered prompt texts (with `<image>` markers) and their images."""
-    cfg = model.config
-    processor = model.processor
-    rows, row_features = [], []
-    for text, imgs in zip(texts, image_lists, strict=True):
-        if text.count(IMAGE_MARKER) != len(imgs):
-            raise PromptError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
-                              f"{len(imgs)} image(s) were given")
-        processed = [processor.process_image(im) for im in imgs]
-        rows.append(processor.token_ids(text, processed))
-        row_features.append([model.encode_image(p.crops, p.plan) for p in processed])
-    context = cfg.text.max_position_embeddings
+def generate_token_rows(model, rows: list[list[int]], images: list[ImageCrops], *, max_new_tokens: int,
+                        temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                        seed: int = 0, stop_ids, pad_id: int = 0, on_tokens=None,
+                        chunk: int | None = None) -> list[list[int]]:
+    """The one pipeline from token rows (image tokens expanded) and their images, in order, to new token ids:
+    bucket and left-pad the rows, place the images, then the engine (embed, insert images, prefill, decode).
+    `max_new_tokens` is reduced, with a warning, to fit the model's context."""
+    context = model.config.text.max_position_embeddings
     longest = max(map(len, rows))
     if longest >= context:
         raise InputError(f"the prompt is {longest} tokens long (images included); the model's context is "
@@ -116,20 +110,36 @@ def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max
                       f"of {context} tokens", stacklevel=3)
         max_new_tokens = context - longest
     bucket = prompt_bucket(longest)
-    batch = prepare_batch(rows, row_features, cfg.image_token_id, cfg.text.hidden_size, model.dtype, bucket)
+    ids, mask = left_pad(rows, bucket)
+    batch = make_batch(ids, mask, images, model.config.image_token_id, model.batch_multiple)
+    return model.engine.generate(model.params, batch, make_sampler(temperature, top_k, top_p),
+                                 max_new_tokens=max_new_tokens, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
+                                 cache_len=cache_bucket(bucket + max_new_tokens), on_tokens=on_tokens, chunk=chunk)
+
+
+def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max_new_tokens, temperature, top_p,
+                        top_k, seed, stop, stop_token_ids, return_ids, stream, single=False):
+    """Generate from fully rendered prompt texts (with `<image>` markers) and their images."""
+    cfg = model.config
+    processor = model.processor
+    rows, images = [], []
+    for text, imgs in zip(texts, image_lists, strict=True):
+        if text.count(IMAGE_MARKER) != len(imgs):
+            raise PromptError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
+                              f"{len(imgs)} image(s) were given")
+        processed = [processor.process_image(im) for im in imgs]
+        rows.append(processor.token_ids(text, processed))
+        images += [ImageCrops.create(cfg, p.crops, p.plan) for p in processed]
     tokenizer = model.tokenizer
     stop_ids = set(cfg.text.eos_token_id) | set(stop_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         stop_ids.add(tokenizer.eos_token_id)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     streamer = TextStreamer(tokenizer, len(rows), stop_strings, stop_ids, stream)
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    token_rows = run_generation(
-        model.decoder, model.params, batch, make_sampler(temperature, top_k, top_p),
-        max_new_tokens=max_new_tokens, seed=seed, stop_ids=stop_ids, pad_id=pad_id,
-        cache_len=cache_bucket(bucket + max_new_tokens), on_tokens=streamer,
-        chunk=1 if (stream is not None or stop_strings) else None,
-    )
+    token_rows = generate_token_rows(
+        model, rows, images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=seed, stop_ids=stop_ids, pad_id=getattr(tokenizer, "pad_token_id", None) or 0, on_tokens=streamer,
+        chunk=1 if (stream is not None or stop_strings) else None)
     streamer.tokens = token_rows
     texts_out = [streamer.text(i).strip() for i in range(len(token_rows))]
     if return_ids:
@@ -148,22 +158,10 @@ def generate_ids(model, input_ids, pixel_values=None, image_sizes=None, attentio
         raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     rows = [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
-    feats = [] if pixel_values is None else model.image_features(pixel_values, image_sizes)
-    row_features, k = [], 0
-    for row in rows:
-        n_tokens, mine = row.count(model.config.image_token_id), []
-        while n_tokens > 0 and k < len(feats):
-            mine.append(feats[k])
-            n_tokens -= len(feats[k])
-            k += 1
-        row_features.append(mine)
-    bucket = prompt_bucket(max(map(len, rows)))
-    batch = prepare_batch(rows, row_features, model.config.image_token_id, model.config.text.hidden_size,
-                          model.dtype, bucket)
+    images = [] if pixel_values is None else model.image_crops(pixel_values, image_sizes)
     stop_ids = model.config.text.eos_token_id if stop_token_ids is None else tuple(stop_token_ids)
-    return run_generation(model.decoder, model.params, batch, make_sampler(temperature, top_k, top_p),
-                          max_new_tokens=max_new_tokens, seed=seed, stop_ids=stop_ids, pad_id=0,
-                          cache_len=cache_bucket(bucket + max_new_tokens))
+    return generate_token_rows(model, rows, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids)
 
 
 class ChatSession:

@@ -92,7 +92,7 @@ def test_compile_counts(llava_next):
     (within the cache bucket), temperature, top-p/top-k or the seed change."""
     _, loaded = llava_next
     model = llava_jax.LlavaModel(loaded.config, loaded.params, loaded.dtype)  # fresh jit caches
-    dec = model.decoder
+    dec = model.engine
     ids, mask = image_rows([[30], [20]], [], seed=30)
     model.generate_ids(ids, attention_mask=mask, max_new_tokens=8)
     prefill, decode = dec.prefill._cache_size(), dec.decode._cache_size()

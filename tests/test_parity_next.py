@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llava_jax
+from llava_jax.batch import ImageCrops, left_pad, make_batch, prompt_bucket
 
 from builders import IMAGE_TOKEN, build_llava, save
 
@@ -62,22 +63,30 @@ def test_vision_graph_compiles_once_per_pinpoint(models):
     """Fifty new image sizes after one warm-up image per pinpoint: no new vision compilation."""
     _, model = models
     rng = np.random.default_rng(13)
+    engine = model.engine
+
+    def encode(plan):
+        image = ImageCrops.create(model.config, np.zeros((plan.num_crops, 3, 56, 56), np.float32), plan)
+        tokens = [model.config.image_token_id] * image.num_features
+        ids, mask = left_pad([tokens], prompt_bucket(500))  # one prompt bucket for every size here
+        embeds = engine.embeddings(model.params, make_batch(ids, mask, [image], model.config.image_token_id))
+        assert embeds.shape == (1, prompt_bucket(500), model.config.text.hidden_size)
+
+    before = engine.insert_images._cache_size()  # programs of the other tests' prompt shapes
     seen = {}
     for h, w in [(56, 112), (112, 56), (112, 112), (56, 168), (168, 56), (30, 31)]:
         plan = model.plan_image(h, w)
         seen[(plan.rows, plan.cols)] = plan
-        model.encode_image(np.zeros((plan.num_crops, 3, 56, 56), np.float32), plan)
-    warm = model._encode_pack._cache_size()
-    assert warm == len(seen) <= 5
+        encode(plan)
+    warm = engine.insert_images._cache_size()
+    assert warm - before == len(seen) <= 5
     for _ in range(50):
         h, w = rng.integers(1, 500, 2)
-        plan = model.plan_image(int(h), int(w))
-        feats = model.encode_image(np.zeros((plan.num_crops, 3, 56, 56), np.float32), plan)
-        assert feats.shape == (plan.num_tokens, model.config.text.hidden_size)
-    assert model._encode_pack._cache_size() == warm
+        encode(model.plan_image(int(h), int(w)))
+    assert engine.insert_images._cache_size() == warm
 
 
 def test_pixel_values_with_too_few_crops(models):
     _, model = models
     with pytest.raises(llava_jax.InputError, match="needs 5 crops"):
-        model.image_features(np.zeros((1, 3, 3, 56, 56), np.float32), image_sizes=[[120, 110]])
+        model.image_crops(np.zeros((1, 3, 3, 56, 56), np.float32), image_sizes=[[120, 110]])

@@ -19,9 +19,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from llava_jax.clip import CLIPVisionTower
 from llava_jax.config import LlavaConfig, TextConfig, vision_config_from_dict
-from llava_jax.llama import DecoderLayer, attention_mask, init_cache, rope_tables
-from llava_jax.llava import Projector
+from llava_jax.llama import DecoderLayer, rope_tables
 from llava_jax.model import abstract_params
+from llava_jax.network import Projector
 from llava_jax.weights import assemble_params
 
 from builders import randomize_
@@ -116,10 +116,9 @@ def decoder_layer_case(hidden, heads, kv_heads, mlp, theta, seq, seed):
         add_mask = torch.zeros(2, 1, seq, seq).masked_fill(~allowed[:, None], -math.inf)
         ref = layer(torch.tensor(x), attention_mask=add_mask, position_ids=pos_t, position_embeddings=cos_sin)
         ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-    cache = {k: v[0] for k, v in init_cache(cfg, 2, seq).items()}
-    out, _ = DecoderLayer(cfg).apply({"params": params}, jnp.asarray(x), cache,
+    out, _ = DecoderLayer(cfg).apply({"params": params}, jnp.asarray(x),
                                      rope_tables(jnp.asarray(positions), cfg.head_dim, theta, jnp.float32),
-                                     attention_mask(jnp.asarray(kv_mask), 0, seq), 0)
+                                     jnp.asarray(kv_mask)[:, None, None, :])
     valid = kv_mask  # query rows of padding see no key in HF (NaN-free garbage), skip them
     return rel_err(np.asarray(out)[valid], ref[valid])
 

@@ -211,9 +211,9 @@ def test_34b_fits_eight_16gb_devices():
     abstract = llava_jax.abstract_params(config, "bfloat16")
     total = sum(leaf.size * 2 for leaf in jax.tree_util.tree_leaves(abstract))
     assert 65e9 < total < 72e9
-    plan = sharding.ShardingPlan.create(AbstractMesh((1, 8), ("data", "model")), config)
+    plan = sharding.ShardingRules.create(AbstractMesh((1, 8), ("data", "model")), config)
     assert per_device_bytes(plan, abstract) < 9e9
-    fsdp = sharding.ShardingPlan.create(AbstractMesh((2, 8), ("data", "model")), config, fsdp=True)
+    fsdp = sharding.ShardingRules.create(AbstractMesh((2, 8), ("data", "model")), config, fsdp=True)
     assert per_device_bytes(fsdp, abstract) < 4.6e9
     assert sharding.default_mesh_shape(8, 8, config) == {"data": 1, "model": 8}
 
@@ -230,7 +230,7 @@ def test_default_mesh_shape():
 
 def test_indivisible_dimensions_are_replicated_with_a_debug_log(caplog):
     config = LlavaConfig(text=TextConfig(num_heads=12, num_kv_heads=3, hidden_size=768, head_dim=64))
-    plan = sharding.ShardingPlan.create(AbstractMesh((1, 4), ("data", "model")), config)
+    plan = sharding.ShardingRules.create(AbstractMesh((1, 4), ("data", "model")), config)
     sharding._logged.clear()
     with caplog.at_level(logging.DEBUG, logger="llava_jax.sharding"):
         k = plan.spec(("layers", "embed", "kv_heads"), (2, 768, 192), "language_model/layers/k_proj/kernel")

@@ -1,0 +1,76 @@
+"""`Kernels`: the interface of the backend seam, implemented as plain math (the "reference" set).
+
+Every other kernel set subclasses this one and overrides what its backend runs faster; anything it does not
+override is this plain math. The reference is also what the tests compare the others against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# A finite minimum rather than -inf for masked scores: a query row with no visible key (left padding) then
+# averages uniformly instead of producing NaN; such rows are never read.
+MASKED = jnp.finfo(jnp.float32).min
+
+
+def matmul_fp32(x, kernel):
+    """x (..., in) @ kernel (in, out) in the kernel's dtype, accumulated and returned in fp32."""
+    return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+
+class Kernels:
+    """The backend seam. Arrays in, arrays out; no parameters of its own."""
+
+    name = "reference"
+
+    def project(self, x, weights):
+        """Several linear maps of one input: `weights` [(kernel (in, out), bias (out,) or None), ...] ->
+        [x @ kernel + bias, ...], each in fp32."""
+        return [matmul_fp32(x, k) + (0 if b is None else b.astype(jnp.float32)) for k, b in weights]
+
+    def attention(self, q, k, v, mask=None, *, causal: bool = False):
+        """Softmax attention with grouped-query heads.
+
+        q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim), each kv head serving
+        `heads // kv_heads` consecutive query heads (HF's `repeat_kv`). mask: bool broadcastable to
+        (batch, 1, q_len, kv_len), True where a query may see a key. causal: q and k are the same positions
+        and query i also sees only keys <= i. Scores and softmax in fp32; returns q's dtype.
+        """
+        batch, q_len, heads, head_dim = q.shape
+        kv_len, kv_heads = k.shape[1], k.shape[2]
+        qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+        visible = causal_mask(q_len, kv_len) if causal else None
+        if mask is not None:
+            visible = mask if visible is None else (mask & visible)
+        if visible is not None:
+            scores = jnp.where(visible[:, :, None], scores, MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+        return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+    def write_cache(self, cache, k, v, index):
+        """Write new keys/values (batch, s, kv_heads, head_dim) into one layer's cache {"k", "v"} (batch,
+        cache_len, kv_heads, head_dim) at slots [index, index + s). Returns (keys, values, cache): all of the
+        layer's keys and values after the write, and the updated cache (whatever form `scan_layers` gave)."""
+        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        return keys, values, {"k": keys, "v": values}
+
+    def scan_layers(self, layer, layers, carry, per_layer=None):
+        """Run `layer(params_i, carry, per_layer_i) -> (carry, out_i)` over layer params stacked on axis 0 (and
+        `per_layer` inputs stacked likewise, e.g. the KV cache); returns (carry, outs stacked)."""
+        return jax.lax.scan(lambda c, xs: layer(xs[0], c, xs[1]), carry, (layers, per_layer))
+
+    def prepare(self, params, program: str):
+        """The params a compiled program takes, built outside it (zero-copy views on some backends): `program`
+        is "scan" (programs that scan over stacked layers) or "decode" (the decode loop). Plain: `params`."""
+        del program
+        return params
+
+
+def causal_mask(q_len: int, kv_len: int):
+    """(1, 1, q_len, kv_len) bool: query i sees keys <= i + (kv_len - q_len)."""
+    offset = kv_len - q_len
+    return (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None] + offset)[None, None]

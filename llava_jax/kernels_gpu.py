@@ -7,7 +7,7 @@ q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim), h
 groups query heads the same way, natively, for both implementations). mask: None or bool broadcastable to
 (batch, 1, q_len, kv_len), True = may attend. causal=True (only with q_len == kv_len, else ValueError): query
 i additionally sees only keys <= i. Scale 1/sqrt(head_dim), fp32 softmax, output in q.dtype. A query row that
-sees no key gets finite values (a uniform average, see below), never NaN.
+sees no key gets finite values (see "Fully masked rows" below), never NaN.
 
 The cuDNN branch cannot run on CPU at all, and no GPU was available when this was written: only the XLA
 branch (the same `jax.nn.dot_product_attention` call with implementation="xla") and the selection rules are
@@ -29,15 +29,16 @@ supported raises jax's own error).
 Masks. cuDNN's padding mask (`query_seq_lengths` / `key_value_seq_lengths`) describes right padding only (the
 first n positions valid); this project left-pads prompts and its caches hold arbitrary valid slots, so it is
 not used. Instead the bool mask goes to `dot_product_attention(mask=...)`, which cuDNN turns into an additive
-bias in the input dtype (0 / -0.7 * dtype max) and XLA into a `where` on the fp32 logits. cuDNN requires the
+bias in the input dtype (0 where allowed; jax's `get_large_negative_number`: -2**41 for bfloat16, -2**15 for
+float16) and XLA into a `where` on the fp32 logits (-0.7 * float32 max). cuDNN requires the
 bias's last two dims to be exactly (q_len, kv_len), so the mask is broadcast to (batch, 1, q_len, kv_len)
 first (heads stay 1: the bias is shared by the heads). `causal=True` is passed as `is_causal=True` (cuDNN's
 causal mask type, which also skips the blocks above the diagonal) on top of the bias. A decode step
 (q_len == 1 over a cache with a validity mask) is the same call with a (batch, 1, 1, kv_len) mask.
 
-Fully masked rows: both implementations use a finite large negative (-0.7 * max of the logits' / bias's dtype)
-rather than -inf, so such a row's softmax is uniform over its keys: finite, never NaN. (For cuDNN this is
-the documented bias semantics; it is not verified here, as no GPU was available when this was written.)
+Fully masked rows: both implementations mask with a finite large negative rather than -inf, so such a row's
+softmax stays finite (XLA: uniform over its keys; cuDNN: the softmax of its logits, all shifted by the same
+bias), never NaN. The cuDNN half of that is read from jax's source, not run: no GPU was available.
 """
 
 import jax

@@ -178,6 +178,8 @@ def test_tpu_runs_the_pallas_kernel_and_documented_fallbacks():
     assert "pallas_call" in jaxpr(interpret=True)
     if jax.default_backend() != "tpu":
         assert "pallas_call" not in jaxpr(fallback=True)  # off TPU, fallback=True means the reference
+        with pytest.raises(ValueError, match="interpret"):  # and without it, the kernel refuses to lower
+            kernels_tpu.attention(q, k, v, mask)
     # head_dim neither <= 128 nor a multiple of 128: the einsum reference, on any backend
     assert not kernels_tpu.kernel_supported((1, 2, 2, 192), (1, 3, 1, 192))
     assert kernels_tpu.kernel_supported((1, 2, 2, 256), (1, 3, 1, 256))

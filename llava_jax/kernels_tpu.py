@@ -31,8 +31,13 @@ contract onto it; every choice below is static (from shapes, dtypes and the `cau
   path) and dividing kv_len, so keys are zero-padded at the end to a multiple of 128 (and of the kv block);
   padded keys are masked (by the segment ids, by the bias, or, for causal prompts, by causality itself,
   since a padded key's index exceeds every real query's). Query rows are padded to a multiple of 8 (TPU
-  sublanes) and of the q block, and the padded rows are dropped. A kv cache whose length is a multiple of
-  128 is therefore never copied.
+  sublanes) and of the q block, and the padded rows are dropped.
+* Layout cost. The kernel reads (batch, heads, len, head_dim); the contract's k and v are
+  (batch, len, kv_heads, head_dim), so both are transposed, i.e. copied by XLA, on every call (a padding to
+  128 fuses into that copy). For a decode step that is a copy of the layer's whole cache slice per step;
+  XLA's einsum (`reference_attention`) reads the cache in place, so for q_len == 1 it may well be the faster
+  choice on TPU until the cache is stored heads-major. Unmeasured (no TPU here): the seam can route decode
+  steps to `reference_attention` if so.
 * head_dim must be <= 128 or a multiple of 128 (the kernel's accumulator layout); other sizes, and a kv_len
   of 0, fall back to `reference_attention` (plain einsum, XLA). `kernel_supported` states the rule.
 * Masked logits: the kernel adds -0.7 * float32 max to masked scores, so a row with no visible key averages

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError
 from .batch import ImageCrops, cache_bucket, left_pad, make_batch, prompt_bucket
+from .errors import InputError
 from .prompt import IMAGE_MARKER, PromptError, default_template, render_prompt, with_image_markers
 from .sampling import make_sampler
 

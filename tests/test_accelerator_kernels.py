@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax import kernels_gpu, kernels_tpu
+from llava_jax.kernels import gpu as kernels_gpu
+from llava_jax.kernels import tpu as kernels_tpu
 
 F32_TOL = {"atol": 2e-6, "rtol": 2e-6}
 

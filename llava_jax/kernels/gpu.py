@@ -44,6 +44,8 @@ bias), never NaN. The cuDNN half of that is read from jax's source, not run: no 
 import jax
 import jax.numpy as jnp
 
+from .reference import Kernels
+
 _CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
@@ -92,3 +94,13 @@ def attention(q, k, v, mask=None, *, causal=False, implementation=None):
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), (batch, 1, q_len, kv_len))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
     return out.astype(q.dtype)
+
+
+class GpuKernels(Kernels):
+    """The reference math with attention from `jax.nn.dot_product_attention` (cuDNN flash attention where
+    `cudnn_supported`, else XLA's composition)."""
+
+    name = "gpu"
+
+    def attention(self, q, k, v, mask=None, *, causal: bool = False):
+        return attention(q, k, v, mask, causal=causal)

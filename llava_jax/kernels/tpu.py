@@ -60,26 +60,16 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import flash_attention as _fa
 
+from .reference import Kernels
+
 _BIAS_MASKED = -1e30  # additive bias of a masked key: exp() underflows to exactly 0 for any real logit
 _LANES = 128  # kv blocks: multiple of this (the kernel's segment-id / softmax tiling)
 _SUBLANES = 8  # q rows: multiple of this
 
 
 def reference_attention(q, k, v, mask=None, *, causal=False):
-    """The contract in plain einsums (XLA): GQA by grouping query heads, fp32 scores and softmax.
-
-    Masked scores get the finite float32 minimum, so a row with no visible key averages uniformly (no NaN).
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    allowed = _full_mask(mask, causal, batch, q_len, kv_len)
-    if allowed is not None:
-        s = jnp.where(allowed[:, :, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    """The plain attention of the reference kernel set (XLA einsums)."""
+    return Kernels().attention(q, k, v, mask, causal=causal)
 
 
 def _full_mask(mask, causal, batch, q_len, kv_len):
@@ -182,3 +172,15 @@ def _kernel_attention(q, k, v, mask, causal, block_q, block_k):
     else:
         out = out.transpose(0, 2, 1, 3)
     return out.astype(q.dtype)
+
+
+class TpuKernels(Kernels):
+    """The reference math with attention from the Pallas TPU flash-attention kernel (`attention` above); a
+    decode step (one query over the cache) keeps the reference einsum, which reads the cache in place."""
+
+    name = "tpu"
+
+    def attention(self, q, k, v, mask=None, *, causal: bool = False):
+        if q.shape[1] == 1:
+            return super().attention(q, k, v, mask, causal=causal)
+        return attention(q, k, v, mask, causal=causal)

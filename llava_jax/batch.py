@@ -80,6 +80,17 @@ class PromptBatch:
     images: list[PlacedImage]
     rows: int
 
+    def stacked_images(self, tokens_per_crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every image of the batch in one set of arrays, as `LlavaNetwork.__call__` takes them: (crops (n, 3,
+        size, size), feature_index into the flattened encoder output of all crops, feature_positions)."""
+        if not self.images:
+            return np.zeros((0, 3, 1, 1), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32)
+        offsets = np.cumsum([0] + [len(im.crops) for im in self.images[:-1]]) * tokens_per_crop
+        index = [np.where(im.feature_index < 0, -1, im.feature_index + off) for im, off in zip(self.images, offsets,
+                                                                                                strict=True)]
+        return (np.concatenate([im.crops for im in self.images]), np.concatenate(index).astype(np.int32),
+                np.concatenate([im.feature_positions for im in self.images]))
+
 
 def place_images(input_ids: np.ndarray, images: list[ImageCrops], image_token_id: int) -> list[PlacedImage]:
     """Give each image, in order, the next `num_features` image tokens of the flattened (row-major) ids."""

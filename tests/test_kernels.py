@@ -1,0 +1,128 @@
+"""The backend seam: every kernel set computes the reference math.
+
+`xla_cpu` (the CPU default) against `reference` (the plain math), op by op and end to end: the same tokens and
+logits within fp32 reduction-order noise. Its zero-copy views share the weights' memory. The GPU and TPU sets
+are tested in test_accelerator_kernels.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llava_jax
+from llava_jax.bench import make_checkpoint
+from llava_jax.kernels import KernelsError, default_kernels, get_kernels, resolve_kernels
+from llava_jax.kernels.xla_cpu import bits_view, unstack_layers
+
+REF, CPU = get_kernels("reference"), get_kernels("xla_cpu")
+F32_BOUND = 2e-6  # fp32 outputs of order one, only the summation order differs (measured below 5e-7)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(make_checkpoint(tmp_path_factory.mktemp("kernels") / "tiny", "tiny"))
+
+
+def rand(rng, *shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def test_kernel_set_names():
+    assert default_kernels() == "xla_cpu"  # this machine's backend is the CPU
+    assert resolve_kernels("auto") == resolve_kernels(None) == "xla_cpu"
+    with pytest.raises(KernelsError, match="unknown kernels 'cuda'"):
+        resolve_kernels("cuda")
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_project(rows, dtype):
+    """Fused (several rows) and padded one-row (16-bit) matmuls equal separate fp32-accumulated ones."""
+    rng = np.random.default_rng(rows)
+    x = rand(rng, 1, rows, 64, dtype=dtype)
+    weights = [(rand(rng, 64, n, dtype=dtype), None if n == 16 else rand(rng, n, dtype=dtype)) for n in (48, 16, 32)]
+    for got, want in zip(jax.jit(CPU.project)(x, weights), REF.project(x, weights), strict=True):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+ATTENTION_CASES = {
+    # name: (q_len, kv_len, heads, kv_heads, causal, mask kind)
+    "prompt causal, left padding, GQA, 3 blocks": (300, 300, 4, 2, True, "left_pad"),
+    "vision: no mask": (17, 17, 4, 4, False, None),
+    "decode, 1 kv head": (1, 40, 8, 1, False, "random"),
+    "decode, 8 kv heads (block-diagonal)": (1, 40, 8, 8, False, "random"),
+    "decode, 16 kv heads (plain)": (1, 40, 16, 16, False, "random"),
+    "chunk of 3 over a cache": (3, 40, 4, 2, False, "random"),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention(case):
+    q_len, kv_len, heads, kv_heads, causal, mask_kind = ATTENTION_CASES[case]
+    rng = np.random.default_rng(len(case))
+    q, k, v = rand(rng, 2, q_len, heads, 16), rand(rng, 2, kv_len, kv_heads, 16), rand(rng, 2, kv_len, kv_heads, 16)
+    mask = None
+    if mask_kind == "left_pad":
+        mask = jnp.asarray(np.arange(kv_len)[None, None, None, :] >= np.array([0, 37])[:, None, None, None])
+    elif mask_kind == "random":
+        mask = jnp.asarray(rng.random((2, 1, 1, kv_len)) > 0.3)
+    got = np.asarray(jax.jit(lambda *a: CPU.attention(*a, causal=causal))(q, k, v, mask))
+    want = np.asarray(REF.attention(q, k, v, mask, causal=causal))
+    if mask_kind == "left_pad":  # query rows of padding see no key: never read
+        got, want = got[1, 37:], want[1, 37:]
+    np.testing.assert_allclose(got, want, atol=F32_BOUND)
+
+
+def test_write_cache_16bit_is_exact():
+    rng = np.random.default_rng(3)
+    cache = {n: rand(rng, 2, 24, 2, 8, dtype=jnp.bfloat16) for n in "kv"}
+    k, v = rand(rng, 2, 1, 2, 8, dtype=jnp.bfloat16), rand(rng, 2, 1, 2, 8, dtype=jnp.bfloat16)
+    for got, want in zip(jax.jit(CPU.write_cache)(cache, k, v, 5)[:2], REF.write_cache(cache, k, v, 5)[:2],
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_views_share_memory(checkpoint):
+    model = llava_jax.load(checkpoint, dtype="bfloat16")
+    stacked = model.params["language_model"]["layers"]["down_proj"]["kernel"]
+    unstacked = unstack_layers(model.params)["language_model"]["layers"]
+    assert len(unstacked) == model.config.text.num_layers
+    row = stacked.nbytes // stacked.shape[0]
+    for i, p in enumerate(unstacked):
+        assert p["down_proj"]["kernel"].unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + i * row
+        np.testing.assert_array_equal(np.asarray(p["down_proj"]["kernel"]), np.asarray(stacked[i]))
+    bits = bits_view(model.params)
+    view = bits["language_model"]["layers"]["down_proj"]["kernel"]
+    assert view.dtype == jnp.uint16 and view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer()
+    embedding = model.params["language_model"]["embed_tokens"]["embedding"]
+    assert bits["language_model"]["embed_tokens"]["embedding"] is embedding
+
+
+def prompt(seed=0, length=40):
+    return np.random.default_rng(seed).integers(3, 30000, (2, length))
+
+
+def test_fp32_xla_cpu_equals_reference(checkpoint):
+    """End to end (tokens through the decode loop with per-layer views, logits through the scans): fp32
+    logits within reduction-order noise and identical greedy tokens."""
+    fast = llava_jax.load(checkpoint, kernels="xla_cpu")
+    plain = llava_jax.LlavaModel(fast.config, fast.params, fast.dtype, kernels="reference")
+    ids = prompt()
+    logits = fast.forward(ids)
+    assert 0.5 < logits.std() < 50
+    np.testing.assert_allclose(logits, plain.forward(ids), atol=1e-4 * logits.std())
+    tokens = fast.generate_ids(ids, max_new_tokens=12, stop_token_ids=[])
+    assert tokens == plain.generate_ids(ids, max_new_tokens=12, stop_token_ids=[])
+    assert isinstance(fast.engine.params_for(fast.params, "decode")["language_model"]["layers"], list)
+
+
+def test_bf16_tracks_fp32(checkpoint):
+    """bf16 (uint16 views in the scans, fp32 accumulation), both kernel sets, tracks fp32 within bf16
+    rounding: 8 bits of mantissa over a few layers gives errors of a few percent of the logits' spread."""
+    ids = prompt(seed=1, length=48)
+    ref = llava_jax.load(checkpoint, dtype="float32").forward(ids)
+    for kernels in ("xla_cpu", "reference"):
+        out = llava_jax.load(checkpoint, dtype="bfloat16", kernels=kernels).forward(ids)
+        assert np.abs(out - ref).max() / ref.std() < 0.1, kernels

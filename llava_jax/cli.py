@@ -39,7 +39,8 @@ def _load_model(args):
     from .sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # multi-host: before anything touches the devices
-    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False))
+    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False),
+                     kernels=getattr(args, "kernels", "auto"))
     if args.model:
         model = llava_jax.load(args.model, dtype=args.dtype, **placement)
     else:
@@ -64,6 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "host; 'none': one device")
     p.add_argument("--fsdp", action="store_true",
                    help="also shard the embedding dimension of weight matrices over the data axis")
+    p.add_argument("--kernels", default="auto",
+                   help="backend kernel set: auto (default: the backend's), reference, xla_cpu, gpu or tpu")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

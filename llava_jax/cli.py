@@ -7,43 +7,12 @@ import io
 import os
 import sys
 
+from .xla_flags import enable_compilation_cache, set_default_xla_flags
+
 RANDOM_WEIGHTS_NOTICE = (
     "llava-jax: no --model given: using the embedded default model, a tiny LLaVA-NeXT with RANDOM weights and "
     "the real Mistral tokenizer. Its answers are noise; pass --model DIR to use a real checkpoint."
 )
-
-
-# Measured on this workload (2-core Zen 4, jax 0.10; see docs/benchmarks and the benchmark section of the
-# README): by default XLA:CPU hands the softmax reductions of attention to YNNPACK fused graphs, which run them
-# several times slower than XLA's own loops (vision attention 150 -> 94 ms a layer without them); and XLA's
-# GEMM/matvec emitters without XNNPACK are a few percent faster on these shapes. They change speed, not results.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "--xla_cpu_use_xnnpack=false")
-
-
-def set_default_xla_flags() -> None:
-    """Add `CPU_XLA_FLAGS` to XLA_FLAGS (flags the user set win); must run before jax starts its backend.
-    LLAVA_JAX_XLA_FLAGS=0 leaves XLA_FLAGS alone."""
-    if os.environ.get("LLAVA_JAX_XLA_FLAGS", "1").lower() in ("0", "off", "none", "false"):
-        return
-    current = os.environ.get("XLA_FLAGS", "")
-    given = {flag.split("=")[0] for flag in current.split()}
-    extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in given]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([*extra, current]).strip()
-
-
-def _enable_compilation_cache() -> None:
-    """Persist compiled XLA programs, so that a second run of the CLI does not compile again."""
-    import jax
-
-    from .default_model import cache_root
-
-    path = os.environ.get("LLAVA_JAX_COMPILATION_CACHE", str(cache_root() / "xla"))
-    if path.lower() in ("", "0", "off", "none"):
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _open_image(source: str):
@@ -70,7 +39,8 @@ def _load_model(args):
     from .sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # multi-host: before anything touches the devices
-    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False))
+    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False),
+                     kernels=getattr(args, "kernels", "auto"))
     if args.model:
         model = llava_jax.load(args.model, dtype=args.dtype, **placement)
     else:
@@ -95,6 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "host; 'none': one device")
     p.add_argument("--fsdp", action="store_true",
                    help="also shard the embedding dimension of weight matrices over the data axis")
+    p.add_argument("--kernels", default="auto",
+                   help="backend kernel set: auto (default: the backend's), reference, xla_cpu, gpu or tpu")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -199,7 +171,7 @@ def main(argv=None) -> int:
     from .prompt import PromptError
     from .safetensors_io import CheckpointError
 
-    _enable_compilation_cache()
+    enable_compilation_cache()
     try:
         return args.func(args)
     except (InputError, ImageError, PromptError, CheckpointError, ConfigError, FileNotFoundError) as e:

@@ -51,6 +51,7 @@ def test_bench_reports_every_field(checkpoint, capsys):
               "--repeats", "1", "--compare-torch", "--json").stdout
     r = json.loads(out)
     assert r["dtype"] == "float32" and r["image_size"] == [200, 150] and r["batch"] == 1
+    assert r["kernels"] == "auto" and r["jax"]["kernels"] == "xla_cpu"  # requested; resolved on CPU
     assert r["new_tokens"] == new_tokens and r["crops"] >= 2 and 0 < r["image_tokens"] < r["prompt_tokens"]
     assert r["prompt_bucket"] >= r["prompt_tokens"] and r["cache_len"] >= r["prompt_bucket"] + new_tokens
     floor = r["floor"]
@@ -69,9 +70,11 @@ def test_bench_reports_every_field(checkpoint, capsys):
     jax_side = r["jax"]
     for key in ("vision_s", "prefill_s", "compile_s", "xla_compile_s"):
         assert positive(jax_side[key]), key
-    # the cold run compiles the three model programs (vision, prefill, decode) once each; warm runs nothing
-    assert jax_side["model_programs"] == {"jit(run)": 1, "jit(_prefill)": 1, "jit(_decode)": 1}
-    assert jax_side["compiled_programs"] == 3 and jax_side["xla_compilations"] >= 3
+    # the cold run compiles the engine's programs (embed, insert_images for the image's one pinpoint, prefill,
+    # decode) once each; warm runs nothing
+    assert jax_side["model_programs"] == {"jit(_embed)": 1, "jit(_insert_images)": 1, "jit(_prefill)": 1,
+                                          "jit(_decode)": 1}
+    assert jax_side["compiled_programs"] == 4 and jax_side["xla_compilations"] >= 4
     assert jax_side["warm_compilations"] == 0 and jax_side["warm_tokens_equal"]
     assert jax_side["persistent_cache"]["enabled"] is False
     assert r["torch"]["new_tokens_generated"] == new_tokens and r["torch"]["threads"] >= 1
@@ -80,9 +83,9 @@ def test_bench_reports_every_field(checkpoint, capsys):
     for key in ("decode_speedup", "ttft_ratio", "ttft_cold_ratio", "peak_rss_ratio"):
         assert positive(r["ratios"][key]), key
     # the human-readable report of the same results
-    from llava_jax.bench import _print_report
+    from llava_jax.bench import print_report
 
-    _print_report(r)
+    print_report(r)
     text = capsys.readouterr().out
     assert "decode floor" in text and "time to first token" in text and "peak RSS" in text and "ratio" in text
 
@@ -99,7 +102,7 @@ def test_second_generate_run_uses_the_persistent_cache(checkpoint, tmp_path):
     first = cli(*args, env=env)
     entries = sorted(p.name for p in cache.iterdir())
     missed = set(MISS.findall(first.stderr))
-    model_programs = {"jit_run", "jit__prefill", "jit__decode"}  # vision, prefill, decode
+    model_programs = {"jit__embed", "jit__insert_images", "jit__prefill", "jit__decode"}  # the engine's programs
     assert model_programs <= missed and not HIT.findall(first.stderr)
     assert entries
 
@@ -120,3 +123,16 @@ def test_bench_runs_on_a_mesh(checkpoint):
     single = json.loads(cli(*args, "--mesh", "none", env=env).stdout)
     assert sharded["jax"]["mesh"] == {"data": 2, "model": 2} and single["jax"]["mesh"] is None
     assert sharded["jax"]["tokens"] == single["jax"]["tokens"] and len(single["jax"]["tokens"]) == 4
+
+
+def test_torch_side_imports_neither_jax_nor_the_model():
+    """The PyTorch child loads only the bench package's light modules: its peak RSS is its own."""
+    child = Path(__file__).parent.parent / "llava_jax" / "bench" / "child.py"
+    code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('child', {str(child)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m._import_path('torch'); "
+            "import llava_jax.bench.torch_side; "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('jax', 'flax') or k.startswith('llava_jax.')"
+            " and not k.startswith('llava_jax.bench')))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"

@@ -89,17 +89,17 @@ def inputs(kind, model):
 
 def spy_decoder(model):
     """Record the decode state's layout at the first decode call, and whether the cache was donated."""
-    seen, dec = {}, model.decoder
+    seen, dec = {}, model.engine
     original = dec.decode
 
     def decode(params, state, *args):
         if not seen:
-            seen.update(cache=spec_list(state["cache"]["k"].sharding.spec), batch=int(state["tokens"].shape[0]),
-                        kv_mask=spec_list(state["kv_mask"].sharding.spec),
-                        cache_shard=list(state["cache"]["k"].addressable_shards[0].data.shape),
-                        cache_shape=list(state["cache"]["k"].shape))
+            seen.update(cache=spec_list(state.cache["k"].sharding.spec), batch=int(state.tokens.shape[0]),
+                        kv_mask=spec_list(state.kv_mask.sharding.spec),
+                        cache_shard=list(state.cache["k"].addressable_shards[0].data.shape),
+                        cache_shape=list(state.cache["k"].shape))
         out = original(params, state, *args)
-        seen.setdefault("donated", bool(state["cache"]["k"].is_deleted()))
+        seen.setdefault("donated", bool(state.cache["k"].is_deleted()))
         return out
 
     dec.decode = decode
@@ -151,8 +151,9 @@ def restore_check(path, target_model, ids, mask, px, sizes, ref_logits, ref_toke
         if any(tuple(s.data.shape) != expect for s in arr.addressable_shards):
             whole.append(name)
         sharded += expect != arr.shape
-    programs = lambda: (target_model.decoder.prefill._cache_size(), target_model._full_forward._cache_size(),  # noqa: E731
-                        target_model._encode_pack._cache_size())
+    engine = target_model.engine  # (its decode is wrapped by spy_decoder: not a jitted function to count)
+    programs = lambda: tuple(getattr(engine, name)._cache_size()  # noqa: E731
+                             for name in ("embed", "insert_images", "logits", "prefill"))
     compiled = programs()
     target_model.params = loaded.params
     out = dict(wrong_sharding=wrong, shard_not_slice=whole, sharded_leaves=sharded, leaves=len(leaves),

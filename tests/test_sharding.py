@@ -30,7 +30,7 @@ from jax.sharding import AbstractMesh
 import llava_jax
 from llava_jax import sharding
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.generate import pad_batch, prepare_batch
+from llava_jax.batch import ImageCrops, left_pad, make_batch
 
 BOUND = 2e-5
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
@@ -247,21 +247,20 @@ def test_indivisible_dimensions_are_replicated_with_a_debug_log(caplog):
     assert cache == jax.sharding.PartitionSpec(None, None, None, None, None)
 
 
-def test_pad_batch_appends_dummy_rows():
+def test_make_batch_appends_dummy_rows():
+    """Rows are padded to a multiple of the data axis with one-token dummy prompts; images keep their flat
+    positions, and the "drop" marker of their padding rows is the padded batch's end."""
     rows = [[5, 250, 250, 7], [9], [3, 4]]
-    feats = [[np.ones((2, 4), np.float32)], [], []]
-    batch = prepare_batch(rows, feats, 250, 4, np.float32, 8)
-    padded = pad_batch(batch, 4)
-    assert pad_batch(batch, 3) is batch and pad_batch(batch, 1) is batch
-    assert padded.input_ids.shape == (4, 8) and padded.features.shape == (32, 4)
-    np.testing.assert_array_equal(padded.input_ids[:3], batch.input_ids)
-    np.testing.assert_array_equal(padded.attention_mask[3], [0] * 7 + [1])  # a one-token dummy prompt
-    np.testing.assert_array_equal(padded.features[:24], batch.features)
-    # image rows keep their flat positions; the "drop" marker moves to the new end (4 * 8)
-    real = batch.feature_positions < 24
-    np.testing.assert_array_equal(padded.feature_positions[:24][real], batch.feature_positions[real])
-    assert set(padded.feature_positions[:24][~real]) == {32} and set(padded.feature_positions[24:]) == {32}
-    assert padded.lengths.tolist() == [4, 1, 2, 1]
+    ids, mask = left_pad(rows, 8)
+    image = ImageCrops(np.zeros((1, 3, 14, 14), np.float32), np.array([3, 1], np.int32), padded_length=4)
+    batch = make_batch(ids, mask, [image], 250, rows_multiple=4)
+    assert batch.rows == 3 and batch.input_ids.shape == (4, 8)
+    np.testing.assert_array_equal(batch.input_ids[:3], ids)
+    np.testing.assert_array_equal(batch.attention_mask[3], [0] * 7 + [1])  # a one-token dummy prompt
+    (placed,) = batch.images
+    np.testing.assert_array_equal(placed.feature_index, [3, 1, 0, 0])
+    np.testing.assert_array_equal(placed.feature_positions, [5, 6, 32, 32])  # row 0, slots 5 and 6; 4 * 8
+    assert make_batch(ids, mask, [image], 250, rows_multiple=3).input_ids.shape == (3, 8)
 
 
 def test_cli_mesh_option(monkeypatch):

@@ -126,3 +126,28 @@ def test_bf16_tracks_fp32(checkpoint):
     for kernels in ("xla_cpu", "reference"):
         out = llava_jax.load(checkpoint, dtype="bfloat16", kernels=kernels).forward(ids)
         assert np.abs(out - ref).max() / ref.std() < 0.1, kernels
+
+
+@pytest.mark.parametrize("kernels", ["reference", "xla_cpu"])
+def test_write_cache_one_slot_per_row(kernels):
+    """A (batch,) write index (continuous batching: each row at its own length) writes row b at slot index[b],
+    in a per-layer cache and, for xla_cpu's unrolled decode, in the stacked cache."""
+    from llava_jax.kernels.xla_cpu import StackedCacheSlot
+
+    K = get_kernels(kernels)
+    rng = np.random.default_rng(4)
+    cache = {n: rand(rng, 3, 10, 2, 4) for n in "kv"}
+    k, v = rand(rng, 3, 1, 2, 4), rand(rng, 3, 1, 2, 4)
+    index = jnp.array([0, 7, 3])
+    keys, values, _ = jax.jit(K.write_cache)(cache, k, v, index)
+    want = np.array(cache["k"])
+    want[np.arange(3), np.array(index)] = np.asarray(k)[:, 0]
+    np.testing.assert_array_equal(np.asarray(keys), want)
+    if kernels == "xla_cpu":
+        stack = {n: jnp.stack([cache[n], cache[n] + 1]) for n in "kv"}
+        keys, stacked = jax.jit(lambda s, k, v, i: (lambda out: (out[0], out[2].stack))(
+            K.write_cache(StackedCacheSlot(s, 1), k, v, i)))(stack, k, v, index)
+        np.testing.assert_array_equal(np.asarray(stacked["k"][0]), np.asarray(cache["k"]))  # layer 0 untouched
+        want1 = np.array(cache["k"] + 1)
+        want1[np.arange(3), np.array(index)] = np.asarray(k)[:, 0]
+        np.testing.assert_array_equal(np.asarray(keys), want1)

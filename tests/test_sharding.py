@@ -29,8 +29,8 @@ from jax.sharding import AbstractMesh
 
 import llava_jax
 from llava_jax import sharding
-from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.batch import ImageCrops, left_pad, make_batch
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 BOUND = 2e-5
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]

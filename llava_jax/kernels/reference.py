@@ -52,10 +52,11 @@ class Kernels:
 
     def write_cache(self, cache, k, v, index):
         """Write new keys/values (batch, s, kv_heads, head_dim) into one layer's cache {"k", "v"} (batch,
-        cache_len, kv_heads, head_dim) at slots [index, index + s). Returns (keys, values, cache): all of the
-        layer's keys and values after the write, and the updated cache (whatever form `scan_layers` gave)."""
-        keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        cache_len, kv_heads, head_dim) at slots [index, index + s): `index` a scalar, or (batch,) for a slot
+        per row (continuous batching). Returns (keys, values, cache): all of the layer's keys and values after
+        the write, and the updated cache (whatever form `scan_layers` gave)."""
+        keys = write_rows(cache["k"], k, index, batch_axis=0)
+        values = write_rows(cache["v"], v, index, batch_axis=0)
         return keys, values, {"k": keys, "v": values}
 
     def scan_layers(self, layer, layers, carry, per_layer=None):
@@ -68,6 +69,24 @@ class Kernels:
         is "scan" (programs that scan over stacked layers) or "decode" (the decode loop). Plain: `params`."""
         del program
         return params
+
+
+def write_rows(buffer, update, index, batch_axis: int, update_slice=jax.lax.dynamic_update_slice):
+    """`update` (..., batch, s, ...) into `buffer` at slot `index` of the axis after `batch_axis`: one slot for
+    every row (scalar index) or one per row ((batch,) index, each row written on its own)."""
+    update = update.astype(buffer.dtype)
+    if jnp.ndim(index) == 0:
+        start = [0] * buffer.ndim
+        start[batch_axis + 1] = index
+        return update_slice(buffer, update, tuple(start))
+    row_start = [0] * (buffer.ndim - 1)
+
+    def one_row(b, u, i):
+        start = list(row_start)
+        start[batch_axis] = i
+        return update_slice(b, u, tuple(start))
+
+    return jax.vmap(one_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)
 
 
 def causal_mask(q_len: int, kv_len: int):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .reference import MASKED, Kernels, causal_mask
+from .reference import MASKED, Kernels, causal_mask, write_rows
 
 
 def _is_16bit_float(a) -> bool:
@@ -112,11 +112,13 @@ class XlaCpuKernels(Kernels):
     def write_cache(self, cache, k, v, index):
         if isinstance(cache, StackedCacheSlot):  # the unrolled decode step: write into the stacked buffer
             i, stack = cache.index, cache.stack
-            ck = update_slice(stack["k"], k[None], (i, 0, index, 0, 0))
-            cv = update_slice(stack["v"], v[None], (i, 0, index, 0, 0))
+            write = lambda buf, new: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+                buf, write_rows(buf[i], new, index, 0, update_slice), i, 0) if jnp.ndim(index) else update_slice(
+                buf, new[None], (i, 0, index, 0, 0))
+            ck, cv = write(stack["k"], k), write(stack["v"], v)
             return ck[i], cv[i], StackedCacheSlot({"k": ck, "v": cv}, i)
-        ck = update_slice(cache["k"], k, (0, index, 0, 0))
-        cv = update_slice(cache["v"], v, (0, index, 0, 0))
+        ck = write_rows(cache["k"], k, index, 0, update_slice)
+        cv = write_rows(cache["v"], v, index, 0, update_slice)
         return ck, cv, {"k": ck, "v": cv}
 
     def scan_layers(self, layer, layers, carry, per_layer=None):

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 RESULT_MARK = "LLAVA_JAX_BENCH_RESULT "
-SIDES = ("jax", "torch")
+# side name -> (module of llava_jax.bench, function): each takes the options dict and returns a JSON-able dict
+SIDES = {"jax": ("jax_side", "run"), "torch": ("torch_side", "run"),
+         "jax_logits": ("jax_side", "logits"), "torch_logits": ("torch_side", "logits")}
 
 
 def run_child(side: str, opts: dict, env: dict | None = None) -> dict:
@@ -33,7 +35,7 @@ def run_child(side: str, opts: dict, env: dict | None = None) -> dict:
 def _import_path(side: str) -> None:
     """Make `llava_jax` importable from this file's checkout: for the PyTorch side as a bare package."""
     root = Path(__file__).resolve().parent.parent  # .../llava_jax
-    if side == "torch":
+    if side.startswith("torch"):
         import types
 
         package = types.ModuleType("llava_jax")
@@ -48,11 +50,10 @@ def main(argv: list[str]) -> int:
     side, opts = argv[0], json.loads(argv[1])
     if side not in SIDES:
         raise SystemExit(f"unknown side {side!r}")
-    if side == "jax":
-        from llava_jax.bench import jax_side as module
-    else:
-        from llava_jax.bench import torch_side as module
-    result = module.run(opts)
+    import importlib
+
+    module_name, function = SIDES[side]
+    result = getattr(importlib.import_module(f"llava_jax.bench.{module_name}"), function)(opts)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 

@@ -20,7 +20,15 @@ import zlib
 import numpy as np
 
 from .inputs import bench_image
-from .measure import CompileLog, decode_rate, log, peak_rss_bytes, rss_bytes, summarize_runs
+from .measure import (
+    CompileLog,
+    decode_rate,
+    log,
+    peak_rss_bytes,
+    rss_bytes,
+    summarize_runs,
+    text_weight_bytes,
+)
 
 # The engine's programs (`GenerationEngine.embed`, `.insert_images` (one per AnyRes pinpoint), `.prefill`,
 # `.decode`) as `jax.monitoring` names them.
@@ -132,7 +140,23 @@ def run(opts: dict) -> dict:
     for key in ("prompt_tokens", "image_tokens", "crops", "prompt_bucket", "cache_len", "input_ids_crc"):
         out[key] = cold[key]
     out["backend"] = jax.default_backend()
+    out["device_kind"] = jax.devices()[0].device_kind
+    out["read_per_token_bytes"] = text_weight_bytes(model.config, opts["dtype"])["read_per_token_bytes"]
     out["kernels"] = model.kernels
     out["mesh"] = dict(model.mesh.shape) if model.mesh is not None else None
     out["versions"] = {"jax": jax.__version__, "jaxlib": __import__("jaxlib").__version__}
     return out
+
+
+def logits(opts: dict) -> dict:
+    """fp32 logits of one image prompt (`opts["text"]`, one image), saved to `opts["out"]` (.npy): the llava-jax
+    half of the device check's logits comparison."""
+    import llava_jax
+
+    model = llava_jax.load(opts["model"], dtype=opts["dtype"], kernels=opts.get("kernels"))
+    image = bench_image(tuple(opts["image_size"]), opts.get("image"))
+    inputs = model.processor(images=[image], text=opts["text"])
+    out = model.forward(**inputs)
+    np.save(opts["out"], out[0])
+    return {"shape": list(out.shape), "kernels": model.kernels,
+            "input_ids_crc": zlib.crc32(np.asarray(inputs["input_ids"][0], np.int64).tobytes())}

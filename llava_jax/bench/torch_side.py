@@ -25,7 +25,8 @@ def run(opts: dict) -> dict:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts["dtype"]]
     t = time.perf_counter()
-    model = LlavaNextForConditionalGeneration.from_pretrained(opts["model"], dtype=dtype).eval()
+    device = torch_device(opts)
+    model = LlavaNextForConditionalGeneration.from_pretrained(opts["model"], dtype=dtype).eval().to(device)
     processor = AutoProcessor.from_pretrained(opts["model"])
     load_s = time.perf_counter() - t
     rss_loaded = rss_bytes()
@@ -53,6 +54,7 @@ def run(opts: dict) -> dict:
         t0 = time.perf_counter()
         inputs = processor(images=images, text=[opts["text"]] * len(images), return_tensors="pt", padding=True)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = inputs.to(device)
         t1 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -68,9 +70,9 @@ def run(opts: dict) -> dict:
             decode_s = (t_end - t1) - (first - t1)
         result = {"ttft_s": first - t0, "preprocess_s": t1 - t0, "decode_s": decode_s,
                "decode_tok_s": decode_rate(new_tokens, decode_s),
-               "tokens": new[0].tolist(), "new_tokens": int(new.shape[1]),
+               "tokens": new[0].cpu().tolist(), "new_tokens": int(new.shape[1]),
                "prompt_tokens": int(inputs["input_ids"].shape[1]),
-               "input_ids_crc": zlib.crc32(inputs["input_ids"][0].numpy().astype(np.int64).tobytes())}
+               "input_ids_crc": zlib.crc32(inputs["input_ids"][0].cpu().numpy().astype(np.int64).tobytes())}
         runs.append(result)
         log(f"torch run {i}: ttft {result['ttft_s']:.2f} s, decode {result['decode_tok_s']:.2f} tok/s")
     out = summarize_runs(runs)
@@ -86,3 +88,33 @@ def run(opts: dict) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     })
     return out
+
+
+def torch_device(opts: dict) -> str:
+    """`opts["device"]`: "cpu", "cuda", or "auto" (the default: CUDA where torch sees a GPU)."""
+    import torch
+
+    device = opts.get("device", "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def logits(opts: dict) -> dict:
+    """fp32 logits of one image prompt with transformers, saved to `opts["out"]` (.npy): the PyTorch half of the
+    device check's logits comparison."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts["dtype"]]
+    device = torch_device(opts)
+    model = LlavaNextForConditionalGeneration.from_pretrained(opts["model"], dtype=dtype).eval().to(device)
+    processor = AutoProcessor.from_pretrained(opts["model"])
+    image = bench_image(tuple(opts["image_size"]), opts.get("image"))
+    inputs = processor(images=[image], text=[opts["text"]], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.inference_mode():
+        out = model(**inputs.to(device)).logits.float().cpu().numpy()
+    np.save(opts["out"], out[0])
+    return {"shape": list(out.shape), "device": device,
+            "input_ids_crc": zlib.crc32(inputs["input_ids"][0].cpu().numpy().astype(np.int64).tobytes())}

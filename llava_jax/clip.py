@@ -8,13 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .activations import activation
 from .attention import dot_product_attention
 from .config import VisionConfig
 from .layers import Dense, DenseParams, fused_dense, scan_stacked
-
-
-def quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -36,16 +33,22 @@ class CLIPEncoderLayer(nn.Module):
         x = x + dense(cfg.hidden_size, "out_proj")(attn)
 
         h = norm("layer_norm2")(x)
-        h = dense(cfg.hidden_size, "fc2")(quick_gelu(dense(cfg.intermediate_size, "fc1")(h)))
+        act = activation(cfg.hidden_act)  # [issue14] the config's activation (was: quick_gelu only)
+        h = dense(cfg.hidden_size, "fc2")(act(dense(cfg.intermediate_size, "fc1")(h)))
         return x + h, None
 
 
 class CLIPVisionTower(nn.Module):
-    """pixel_values (n, 3, size, size) -> hidden state after `num_layers` encoder layers, (n, 1 + patches, dim)."""
+    """pixel_values (n, 3, size, size) -> hidden state after `num_layers` encoder layers, (n, 1 + patches, dim).
+
+    [issue14] With `feature_layers` (layer counts, `LlavaConfig.vision_feature_layers`): the hidden states after
+    each of those many layers, concatenated on the feature axis, (n, 1 + patches, dim * len(feature_layers)).
+    """
 
     cfg: VisionConfig
     num_layers: int
     dtype: jnp.dtype = jnp.float32
+    feature_layers: tuple[int, ...] = ()  # [issue14] () = (num_layers,)
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -62,9 +65,16 @@ class CLIPVisionTower(nn.Module):
         pos = self.param("position_embedding", nn.initializers.normal(1.0), (g * g + 1, cfg.hidden_size), dt)
         x = x + pos[None]
         x = nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=dt, name="pre_layrnorm")(x)
+        feature_layers = self.feature_layers or (self.num_layers,)  # [issue14]
         if self.has_variable("params", "layers"):  # see `scan_stacked`; the nn.scan below creates the params
-            x, _ = scan_stacked(CLIPEncoderLayer(cfg, dt, parent=None), self.get_variable("params", "layers"), x, None)
-            return x
+            # [issue14] run the stack in segments, keeping the hidden state at each selected depth
+            stacked, states, done = self.get_variable("params", "layers"), {0: x}, 0
+            for stop in sorted(set(feature_layers) - {0}):
+                segment = stacked if (done, stop) == (0, self.num_layers) else jax.tree_util.tree_map(
+                    lambda a, lo=done, hi=stop: a[lo:hi], stacked)
+                x, _ = scan_stacked(CLIPEncoderLayer(cfg, dt, parent=None), segment, x, None)
+                states[stop], done = x, stop
+            return jnp.concatenate([states[i] for i in feature_layers], axis=-1)
         layers = nn.scan(
             CLIPEncoderLayer,
             variable_axes={"params": 0},
@@ -72,4 +82,4 @@ class CLIPVisionTower(nn.Module):
             length=self.num_layers,
         )(cfg, dt, name="layers")
         x, _ = layers(x, None)
-        return x
+        return jnp.concatenate([x] * len(feature_layers), axis=-1)  # [issue14] init only: the output's shape

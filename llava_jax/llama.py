@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .activations import activation
 from .attention import causal_self_attention, dot_product_attention
 from .config import TextConfig
 from .layers import Dense, DenseParams, fused_dense, scan_stacked, zero_copy_put
@@ -107,7 +108,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         gate, up = fused_dense(h, [proj(cfg.intermediate_size, "gate_proj"), proj(cfg.intermediate_size, "up_proj")],
                                dt, fuse)
-        h = nn.silu(gate) * up
+        h = activation(cfg.hidden_act)(gate) * up  # [issue14] the config's activation (was: silu only)
         x = x + dense(cfg.hidden_size, "down_proj")(h)
         return x, {"k": cache_k, "v": cache_v}
 

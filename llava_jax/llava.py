@@ -6,9 +6,9 @@ embeddings is a scatter at host-computed positions (`merge_image_features`), nev
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from .activations import activation
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .layers import Dense
@@ -16,18 +16,19 @@ from .llama import LlamaDecoder
 
 
 class Projector(nn.Module):
-    """`linear` (depth 1) or `mlp{depth}x_gelu`: Linear, then (exact GELU, Linear) * (depth - 1)."""
+    """`linear` (depth 1) or `mlp{depth}x_gelu`: Linear, then (activation, Linear) * (depth - 1)."""
 
     depth: int
     hidden_size: int
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    act: str = "gelu"  # [issue14] the config's projector_hidden_act (exact erf GELU in LLaVA)
 
     @nn.compact
     def __call__(self, x):
         for i in range(1, self.depth + 1):
             if i > 1:
-                x = jax.nn.gelu(x, approximate=False)  # erf GELU, as torch's nn.GELU(); tanh drifts
+                x = activation(self.act)(x)  # [issue14] was: jax.nn.gelu(x, approximate=False)
             x = Dense(self.hidden_size, use_bias=self.use_bias, dtype=self.dtype, name=f"linear_{i}")(x)
         return x
 
@@ -38,9 +39,11 @@ class Llava(nn.Module):
 
     def setup(self):
         cfg, dt = self.config, self.dtype
-        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, dt)
-        self.multi_modal_projector = Projector(cfg.projector_depth, cfg.text.hidden_size, cfg.projector_bias, dt)
-        if cfg.model_type == "llava_next":
+        # [issue14] feature_layers: the selected hidden states, concatenated; projector activation from the config
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, dt, cfg.vision_feature_layers)
+        self.multi_modal_projector = Projector(cfg.projector_depth, cfg.text.hidden_size, cfg.projector_bias, dt,
+                                               cfg.projector_hidden_act)
+        if cfg.has_image_newline:  # [issue14] was: model_type == "llava_next" (anyres + flat has no newline)
             self.image_newline = self.param("image_newline", nn.initializers.normal(1.0), (cfg.text.hidden_size,), dt)
         self.language_model = LlamaDecoder(cfg.text, dt)
 
@@ -54,7 +57,7 @@ class Llava(nn.Module):
     def pack_features(self, features, feature_index):
         """Gather packed NeXT image tokens: features (rows, hidden) flattened over crops; index -1 = newline."""
         rows = jnp.take(features, jnp.maximum(feature_index, 0), axis=0)
-        if self.config.model_type != "llava_next":
+        if not self.config.has_image_newline:  # [issue14] was: model_type != "llava_next"
             return rows
         return jnp.where((feature_index < 0)[:, None], self.image_newline.astype(rows.dtype), rows)
 

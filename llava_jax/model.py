@@ -135,7 +135,8 @@ class LlavaModel:
             return None
         v = self.config.vision
         return anyres_plan(height, width, self.config.image_grid_pinpoints, self.config.semantics,
-                           crop_size=v.image_size, patch_size=v.patch_size)
+                           crop_size=v.image_size, patch_size=v.patch_size,
+                           merge=self.config.patch_merge_type)  # [issue14] original anyres + flat
 
     def encode_image(self, crops: np.ndarray, plan: AnyResPlan | None = None) -> np.ndarray:
         """Features of one preprocessed image, (tokens, hidden) on the host; `plan` None for LLaVA-1.5.

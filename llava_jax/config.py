@@ -440,16 +440,16 @@ def with_image_processor(config: LlavaConfig, processor: dict[str, Any]) -> Llav
 
 def load_config(path: str) -> LlavaConfig:
     """Read `config.json` (or the converter's `llava_jax_config.json`) from a checkpoint directory, with the image
-    processor's sizes from its `preprocessor_config.json` when there is one (see `with_image_processor`)."""
-    converted = os.path.join(path, "llava_jax_config.json")
-    if os.path.isfile(converted):  # normalized already, image processor sizes included
-        with open(converted) as f:
-            return config_from_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), base_dir=path)
-    p = os.path.join(path, "config.json")
-    if not os.path.isfile(p):
+    processor's sizes from its `preprocessor_config.json` when there is one (see `with_image_processor`; the
+    converter copies that file next to its output)."""
+    for fname in ("llava_jax_config.json", "config.json"):
+        p = os.path.join(path, fname)
+        if os.path.isfile(p):
+            with open(p) as f:
+                config = config_from_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), base_dir=path)
+            break
+    else:
         raise ConfigError(f"no config.json in {path}")
-    with open(p) as f:
-        config = config_from_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), base_dir=path)
     processor = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(processor):
         with open(processor) as f:

@@ -24,6 +24,8 @@ from safetensors.numpy import save_file
 from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil
 
 import llava_jax
+from convert.converter import convert
+from llava_jax.config import load_config
 from llava_jax.image import CLIP_MEAN, CLIP_STD, preprocess_anyres, preprocess_square
 from llava_jax.processor import LlavaProcessor
 
@@ -225,3 +227,5 @@ def test_processor_size_from_checkpoint_end_to_end(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px), image_sizes=torch.tensor(sizes)).logits
     assert_close_logits(model.forward(ids, px, image_sizes=sizes), ref.numpy())
+    convert(path, str(tmp_path / "converted"))  # the converted checkpoint keeps the processor size
+    assert load_config(str(tmp_path / "converted")).image_resize == SIZE

@@ -8,13 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .activations import activation
 from .config import VisionConfig
 from .kernels import get_kernels
 from .linear import Linear, stacked_layers
-
-
-def quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -38,17 +35,20 @@ class CLIPEncoderLayer(nn.Module):
 
         h = norm("layer_norm2")(x)
         (h,) = K.project(h, [linear(cfg.intermediate_size, "fc1")(width)])
-        (h,) = K.project(quick_gelu(h.astype(dt)), [linear(width, "fc2")(cfg.intermediate_size)])
+        (h,) = K.project(activation(cfg.hidden_act)(h.astype(dt)), [linear(width, "fc2")(cfg.intermediate_size)])
         return x + h.astype(dt)
 
 
 class CLIPVisionTower(nn.Module):
-    """pixel_values (n, 3, size, size) -> hidden state after `num_layers` encoder layers, (n, 1 + patches, dim)."""
+    """pixel_values (n, 3, size, size) -> the hidden states after each of `feature_layers` encoder layers (HF's
+    `hidden_states` indices, 0 = the embeddings after `pre_layrnorm`), concatenated on the feature axis:
+    (n, 1 + patches, dim * len(feature_layers)). `num_layers` layers exist: the deepest one selected."""
 
     cfg: VisionConfig
     num_layers: int
     dtype: jnp.dtype = jnp.float32
     kernels: str = "reference"
+    feature_layers: tuple[int, ...] = ()  # () = (num_layers,)
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -68,5 +68,13 @@ class CLIPVisionTower(nn.Module):
 
         layer = CLIPEncoderLayer(cfg, dt, self.kernels, parent=None)
         layers = stacked_layers(self, "layers", layer, self.num_layers, x[:1, :2])
-        x, _ = K.scan_layers(lambda params, h, _: (layer.apply({"params": params}, h), None), layers, x)
-        return x
+        run = lambda params, h, _: (layer.apply({"params": params}, h), None)  # noqa: E731
+        feature_layers = self.feature_layers or (self.num_layers,)
+        if feature_layers == (self.num_layers,):
+            return K.scan_layers(run, layers, x)[0]
+        states, done = {0: x}, 0  # several depths: the stack in segments, keeping the state at each
+        for stop in sorted(set(feature_layers) - {0}):
+            segment = jax.tree_util.tree_map(lambda a, lo=done, hi=stop: a[lo:hi], layers)
+            x, _ = K.scan_layers(run, segment, x)
+            states[stop], done = x, stop
+        return jnp.concatenate([states[i] for i in feature_layers], axis=-1)

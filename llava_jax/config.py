@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A config.json that llava-jax cannot run faithfully."""
 
 
+def _check_activation(what: str, name: str) -> None:
+    from .activations import activation  # deferred: it imports jax, and raises this module's ConfigError
+
+    activation(name, what)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """CLIP vision transformer. Defaults are ViT-L/14-336, the tower of every released LLaVA."""
@@ -33,6 +39,9 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self):
+        _check_activation("vision hidden_act", self.hidden_act)
 
     @property
     def grid_size(self) -> int:
@@ -61,6 +70,10 @@ class TextConfig:
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
     model_type: str = "llama"
+    hidden_act: str = "silu"  # the gate activation of the MLP: down(act(gate(x)) * up(x))
+
+    def __post_init__(self):
+        _check_activation("decoder hidden_act", self.hidden_act)
 
 
 @dataclass(frozen=True)
@@ -68,9 +81,13 @@ class LlavaConfig:
     """The whole model: vision tower, projector, decoder, and how images become tokens.
 
     `layout` says which checkpoint family this came from ("hf" or "original"); `semantics` says whose
-    AnyRes arithmetic to reproduce (the two differ in small ways, see REFERENCE.md). `image_token_id` is
+    AnyRes arithmetic to reproduce (the two differ in small ways, see docs/semantics.md). `image_token_id` is
     the id in `input_ids` whose embeddings are replaced by image features (-200 for original checkpoints,
     whose vocabulary has no image token).
+
+    `vision_feature_layer` is one hidden-state index or a tuple of them (their features are concatenated, so
+    the projector's input is `len(vision_feature_layers)` times the tower's width). `image_resize` is the image
+    processor's shortest-edge resize before its center crop to `vision.image_size` (None: the crop size).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -78,12 +95,14 @@ class LlavaConfig:
     model_type: str = "llava"  # "llava" (1.5, one crop) or "llava_next" (AnyRes)
     projector_type: str = "mlp2x_gelu"  # "linear" or "mlp{N}x_gelu"
     projector_bias: bool = True
-    vision_feature_layer: int = -2
+    projector_hidden_act: str = "gelu"  # between the projector's Linear layers (exact erf GELU in LLaVA)
+    vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     image_token_id: int = 32000
     image_aspect_ratio: str = "crop"  # "crop" (llava-hf 1.5), "pad" (original 1.5), "anyres"
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
-    patch_merge_type: str = "flat"  # "flat" (1.5) or "spatial_unpad" (NeXT)
+    patch_merge_type: str = "flat"  # "flat" (1.5, or NeXT crops concatenated) or "spatial_unpad" (NeXT)
+    image_resize: int | None = None
     layout: str = "hf"
     semantics: str = "hf"
     name: str = ""  # model name or path, used to choose a prompt template
@@ -96,17 +115,29 @@ class LlavaConfig:
         _check_choice("layout", self.layout, ("hf", "original"))
         _check_choice("semantics", self.semantics, ("hf", "original"))
         _ = self.projector_depth  # raises on an unsupported projector_type
-        if not 1 <= self.vision_layers_used <= self.vision.num_layers:
+        _check_activation("projector_hidden_act", self.projector_hidden_act)
+        n = self.vision.num_layers
+        layers = self.vision_feature_layer if isinstance(self.vision_feature_layer, tuple) else (
+            self.vision_feature_layer,)
+        if not layers or any(not -(n + 1) <= i <= n for i in layers):
             raise ConfigError(
-                f"vision_feature_layer={self.vision_feature_layer} selects no encoder layer of the tower's "
-                f"{self.vision.num_layers} (use -{self.vision.num_layers} .. -1 or 1 .. {self.vision.num_layers})"
+                f"vision_feature_layer={self.vision_feature_layer} is not a hidden state of the tower's {n} layers "
+                f"(hidden states -{n + 1} .. {n}: 0 and -{n + 1} are the embeddings, -1 and {n} the last layer)"
             )
+        if self.vision_layers_used == 0:
+            raise ConfigError(f"vision_feature_layer={self.vision_feature_layer} selects only the embeddings "
+                              "(no encoder layer): not supported")
+        if self.image_resize is not None and self.image_resize < self.vision.image_size:
+            raise ConfigError(f"image processor size {self.image_resize} is smaller than its crop size "
+                              f"{self.vision.image_size}: not supported (the center crop would pad)")
         if self.model_type == "llava_next":
             if not self.image_grid_pinpoints:
                 raise ConfigError("a llava_next config needs image_grid_pinpoints")
             if self.vision_feature_select_strategy != "default":
-                # The unpad step reshapes each tile's features to a (grid, grid) square: no room for CLS.
-                raise ConfigError("LLaVA-NeXT needs vision_feature_select_strategy='default' (CLS dropped)")
+                # The reference itself fails: transformers' LLaVA-NeXT forward raises on "full" (the unpad step
+                # reshapes each tile's features to a (grid, grid) square, with no room for CLS).
+                raise ConfigError("LLaVA-NeXT needs vision_feature_select_strategy='default' (CLS dropped): "
+                                  "transformers' LlavaNext forward itself raises on 'full'")
 
     @property
     def projector_depth(self) -> int:
@@ -121,10 +152,35 @@ class LlavaConfig:
         return int(m.group(1))
 
     @property
+    def vision_feature_layers(self) -> tuple[int, ...]:
+        """For each selected hidden state, in order, the number of encoder layers it sits after.
+
+        HF's `hidden_states` index: 0 is the embeddings (after `pre_layrnorm`), i the output of layer i, and
+        negative indices count from the end (-1: the last layer's output).
+        """
+        layers = self.vision_feature_layer
+        layers = layers if isinstance(layers, tuple) else (layers,)
+        return tuple(i if i >= 0 else self.vision.num_layers + 1 + i for i in layers)
+
+    @property
     def vision_layers_used(self) -> int:
-        """Encoder layers computed: the selected hidden state is the output of this many layers."""
-        layer = self.vision_feature_layer
-        return layer if layer > 0 else self.vision.num_layers + 1 + layer
+        """Encoder layers computed: the deepest selected hidden state is the output of this many layers."""
+        return max(self.vision_feature_layers)
+
+    @property
+    def projector_input_size(self) -> int:
+        """Width of the projector's input: the selected hidden states concatenated."""
+        return self.vision.hidden_size * len(self.vision_feature_layers)
+
+    @property
+    def has_image_newline(self) -> bool:
+        """Whether the model has and uses `image_newline` (AnyRes with the spatial_unpad merge)."""
+        return self.model_type == "llava_next" and self.patch_merge_type == "spatial_unpad"
+
+    @property
+    def resize_size(self) -> int:
+        """The image processor's shortest-edge resize (before the center crop to `vision.image_size`)."""
+        return self.vision.image_size if self.image_resize is None else self.image_resize
 
     @property
     def tokens_per_crop(self) -> int:
@@ -144,6 +200,7 @@ class LlavaConfig:
         text = dict(d.pop("text"))
         text["eos_token_id"] = tuple(text["eos_token_id"])
         d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
+        d["vision_feature_layer"] = _feature_layers(d["vision_feature_layer"])
         return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
 
@@ -187,9 +244,6 @@ def text_config_from_dict(d: dict[str, Any]) -> TextConfig:
     kv_heads = d.get("num_key_value_heads") or heads
     if heads % kv_heads:
         raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"decoder hidden_act={act!r} is not supported (supported: silu)")
     return TextConfig(
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
@@ -205,6 +259,7 @@ def text_config_from_dict(d: dict[str, Any]) -> TextConfig:
         eos_token_id=_eos_tuple(d.get("eos_token_id", 2)),
         pad_token_id=d.get("pad_token_id"),
         model_type=model_type,
+        hidden_act=d.get("hidden_act", "silu"),
     )
 
 
@@ -214,9 +269,6 @@ def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:
     model_type = d.get("model_type", "clip_vision_model")
     if model_type not in ("clip_vision_model", "clip"):
         raise ConfigError(f"vision tower {model_type!r} is not supported (supported: CLIP)")
-    act = d.get("hidden_act", "quick_gelu")
-    if act != "quick_gelu":
-        raise ConfigError(f"vision hidden_act={act!r} is not supported (CLIP uses quick_gelu)")
     return VisionConfig(
         hidden_size=d.get("hidden_size", 768),
         intermediate_size=d.get("intermediate_size", 3072),
@@ -226,7 +278,7 @@ def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:
         patch_size=d.get("patch_size", 32),
         num_channels=d.get("num_channels", 3),
         layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        hidden_act=act,
+        hidden_act=d.get("hidden_act", "quick_gelu"),
     )
 
 
@@ -238,17 +290,22 @@ def _pinpoints(value) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(b)) for a, b in value)
 
 
-def _single_layer(value) -> int:
+def _feature_layers(value) -> int | tuple[int, ...]:
+    """`vision_feature_layer` / `mm_vision_select_layer`: one index, or a list of them (kept as a tuple)."""
     if isinstance(value, list | tuple):
-        raise ConfigError(f"a list of vision feature layers {value} is not supported; give one layer index")
+        return tuple(int(v) for v in value)
+    return int(value)
+
+
+def _original_feature_layer(value) -> int:
+    if isinstance(value, list | tuple):
+        raise ConfigError(f"mm_vision_select_layer={value}: the original code indexes hidden_states with it and fails "
+                          "on a list; give one layer index")
     return int(value)
 
 
 def _from_hf(d: dict[str, Any], name: str) -> LlavaConfig:
     model_type = d["model_type"]
-    act = d.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise ConfigError(f"projector_hidden_act={act!r} is not supported (LLaVA uses exact gelu)")
     next_ = model_type == "llava_next"
     return LlavaConfig(
         vision=vision_config_from_dict(d["vision_config"]),
@@ -256,7 +313,8 @@ def _from_hf(d: dict[str, Any], name: str) -> LlavaConfig:
         model_type=model_type,
         projector_type="mlp2x_gelu",
         projector_bias=d.get("multimodal_projector_bias", True),
-        vision_feature_layer=_single_layer(d.get("vision_feature_layer", -2)),
+        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+        vision_feature_layer=_feature_layers(d.get("vision_feature_layer", -2)),
         vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
         image_token_id=d.get("image_token_id", d.get("image_token_index", 32000)),
         image_aspect_ratio="anyres" if next_ else "crop",
@@ -296,14 +354,16 @@ def _from_original(d: dict[str, Any], name: str, base_dir: str | None) -> LlavaC
         raise ConfigError(f"mm_vision_select_feature={select!r} is not supported (patch, cls_patch)")
     aspect = d.get("image_aspect_ratio", "square")
     merge = d.get("mm_patch_merge_type", "flat")
+    if merge not in ("flat", "spatial_unpad"):
+        raise ConfigError(f"mm_patch_merge_type={merge!r} is not supported (flat, spatial_unpad)")
     if aspect == "anyres":
-        if merge != "spatial_unpad":
-            raise ConfigError(f"anyres with mm_patch_merge_type={merge!r} is not supported (spatial_unpad)")
+        # flat: the crops' features one after the other (base first), no unpad, no image_newline.
         model_type = "llava_next"
     elif aspect in ("pad", "square", None):
-        if merge != "flat":
-            raise ConfigError(f"mm_patch_merge_type={merge!r} without anyres is not supported (flat)")
         model_type = "llava"
+        # One crop per image: llava_arch takes its 4-D image batch straight to the projector and never reads
+        # mm_patch_merge_type, so spatial_unpad means flat here (its image_newline weight is never used).
+        merge = "flat"
         # "square" is the original's plain resize-and-center-crop path, the same as llava-hf's processor.
         aspect = "pad" if aspect == "pad" else "crop"
     else:
@@ -316,7 +376,7 @@ def _from_original(d: dict[str, Any], name: str, base_dir: str | None) -> LlavaC
         model_type=model_type,
         projector_type=d.get("mm_projector_type", "linear"),
         projector_bias=True,
-        vision_feature_layer=_single_layer(d.get("mm_vision_select_layer", -2)),
+        vision_feature_layer=_original_feature_layer(d.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy=strategies[select],
         image_token_id=-200,  # IMAGE_TOKEN_INDEX: original tokenizers have no image token
         image_aspect_ratio="anyres" if model_type == "llava_next" else aspect,
@@ -346,12 +406,52 @@ def config_from_dict(d: dict[str, Any], name: str = "", base_dir: str | None = N
     )
 
 
+def _side(value, what: str) -> int | None:
+    """A square side from an image processor size entry: an int, {"shortest_edge": n} or a square height/width."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, dict) and set(value) == {"shortest_edge"}:
+        return int(value["shortest_edge"])
+    if isinstance(value, dict) and set(value) == {"height", "width"} and value["height"] == value["width"]:
+        return int(value["height"])
+    raise ConfigError(f"preprocessor_config.json {what}={value!r} is not supported (an int, shortest_edge, or a "
+                      "square height/width)")
+
+
+def with_image_processor(config: LlavaConfig, processor: dict[str, Any]) -> LlavaConfig:
+    """`config` with the sizes of a `preprocessor_config.json`: `size` (shortest-edge resize) and `crop_size`.
+
+    The crop must be the vision tower's input size; a resize other than the crop size is kept in
+    `image_resize`. (transformers resizes each crop's shortest edge to `size`, then center-crops to
+    `crop_size`; the original code runs the same CLIP processor.)
+    """
+    size = processor.get("size")
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        # CLIP resizes to exactly (height, width) then: a squash, not a shortest-edge resize
+        raise ConfigError(f"preprocessor_config.json size={size!r} is not supported (give shortest_edge)")
+    resize, crop = _side(size, "size"), _side(processor.get("crop_size"), "crop_size")
+    if crop is not None and crop != config.vision.image_size:
+        raise ConfigError(f"preprocessor_config.json crop_size {crop} differs from the vision tower's image_size "
+                          f"{config.vision.image_size}")
+    if resize is None or resize == config.vision.image_size:
+        return config
+    return config.replace(image_resize=resize)
+
+
 def load_config(path: str) -> LlavaConfig:
-    """Read `config.json` (or the converter's `llava_jax_config.json`) from a checkpoint directory."""
+    """Read `config.json` (or the converter's `llava_jax_config.json`) from a checkpoint directory, with the image
+    processor's sizes from its `preprocessor_config.json` when there is one (see `with_image_processor`; the
+    converter copies that file next to its output)."""
     for fname in ("llava_jax_config.json", "config.json"):
         p = os.path.join(path, fname)
         if os.path.isfile(p):
             with open(p) as f:
-                d = json.load(f)
-            return config_from_dict(d, name=os.path.basename(os.path.normpath(path)), base_dir=path)
-    raise ConfigError(f"no config.json in {path}")
+                config = config_from_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), base_dir=path)
+            break
+    else:
+        raise ConfigError(f"no config.json in {path}")
+    processor = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(processor):
+        with open(processor) as f:
+            config = with_image_processor(config, json.load(f))
+    return config

@@ -13,7 +13,11 @@ are bit-identical, not merely close.
 
 The AnyRes "plan" turns an image size into plain integers plus an index array (``feature_index``)
 that tells the device-side model how to gather vision features into the packed sequence
-(base crop, then the unpadded tile grid row by row with an ``image_newline`` after each row).
+(``spatial_unpad``: base crop, then the unpadded tile grid row by row with an ``image_newline`` after each
+row; ``flat``: the crops' features one after the other).
+
+Every crop goes through the CLIP processor steps: shortest edge resized to ``resize`` (the processor's
+``size``; the crop size unless a config says otherwise), then a center crop to ``crop_size``.
 """
 
 from __future__ import annotations
@@ -166,10 +170,18 @@ def _resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
 
 
 def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
-    # After a shortest-edge resize to `size` both sides are >= size, so HF's pad branch never runs.
+    # After a shortest-edge resize to `resize` >= `size` both sides are >= size, so HF's pad branch never runs.
     height, width = array.shape[:2]
     top, left = (height - size) // 2, (width - size) // 2
     return array[top : top + size, left : left + size]
+
+
+def _clip_steps(image: Image.Image, crop_size: int, resize: int | None) -> np.ndarray:
+    """The CLIP processor's geometry: shortest edge -> ``resize`` (default ``crop_size``), center crop."""
+    resize = crop_size if resize is None else resize
+    if resize < crop_size:
+        raise ValueError(f"resize {resize} is smaller than crop_size {crop_size} (the center crop would pad)")
+    return _center_crop(np.asarray(_resize_shortest_edge(image, resize)), crop_size)
 
 
 def expand2square(image: Image.Image, background=PAD_COLOR) -> Image.Image:
@@ -195,7 +207,8 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def preprocess_square(images, mode: str, crop_size: int = 336, semantics: str = "hf") -> np.ndarray:
+def preprocess_square(images, mode: str, crop_size: int = 336, semantics: str = "hf",
+                      resize: int | None = None) -> np.ndarray:
     """LLaVA-1.5 preprocessing: one ``crop_size`` square per image, float32 ``(N, 3, crop, crop)``.
 
     Args:
@@ -206,6 +219,7 @@ def preprocess_square(images, mode: str, crop_size: int = 336, semantics: str = 
         ``LlavaImageProcessor(do_pad=True)``.
       crop_size: CLIP input size (336 for ViT-L/14-336).
       semantics: only decides how non-RGB inputs and paths are loaded (see ``load_image``).
+      resize: the processor's shortest-edge ``size`` before the center crop (None: ``crop_size``).
     """
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
@@ -217,7 +231,7 @@ def preprocess_square(images, mode: str, crop_size: int = 336, semantics: str = 
         image = load_image(source, semantics)
         if mode == "pad":
             image = expand2square(image, PAD_COLOR)
-        out[i] = _center_crop(np.asarray(_resize_shortest_edge(image, crop_size)), crop_size)
+        out[i] = _clip_steps(image, crop_size, resize)
     return _normalize(out)
 
 
@@ -287,6 +301,9 @@ class AnyResPlan:
     ``rows_kept x cols_kept`` starting at ``(row_offset, col_offset)`` survive ``unpad_image``.
     ``num_tokens = t*t + rows_kept * (cols_kept + 1)`` (one newline per kept row); the one-crop
     case (``num_crops == 1``, see ``single_crop``) is ``t*t + 1`` in both references.
+
+    ``merge="flat"`` (the original ``mm_patch_merge_type: flat``): the crops' features one after the other,
+    base first, nothing removed and no newline: ``num_tokens = num_crops * t*t``.
     """
 
     height: int
@@ -308,6 +325,7 @@ class AnyResPlan:
     rows_kept: int
     cols_kept: int
     num_tokens: int
+    merge: str = "spatial_unpad"
 
     @property
     def tokens_per_side(self) -> int:
@@ -339,7 +357,9 @@ class AnyResPlan:
         first, then the unpadded grid row by row, each row followed by a newline.
         """
         t, tpc = self.tokens_per_side, self.tokens_per_crop
-        if self.num_crops == 1:
+        if self.merge == "flat":
+            index = np.arange(self.num_crops * tpc)
+        elif self.num_crops == 1:
             index = np.append(np.arange(tpc), NEWLINE)
         else:
             r = np.arange(self.row_offset, self.row_offset + self.rows_kept)[:, None]
@@ -355,15 +375,18 @@ class AnyResPlan:
 
 
 def anyres_plan(height: int, width: int, pinpoints=DEFAULT_PINPOINTS, semantics: str = "hf",
-                crop_size: int = 336, patch_size: int = 14) -> AnyResPlan:
+                crop_size: int = 336, patch_size: int = 14, merge: str = "spatial_unpad") -> AnyResPlan:
     """Compute the AnyRes layout (grid, crops, unpadded feature grid, token order) for an image size.
 
     Args:
       height, width: the image size in pixels (after RGB loading, i.e. what the processor sees).
       pinpoints: config ``image_grid_pinpoints`` (multiples of ``crop_size``), read per ``semantics``.
       semantics: ``"hf"`` (transformers 5) or ``"original"`` (llava-torch 1.2.2).
+      merge: ``"spatial_unpad"`` (LLaVA-NeXT) or ``"flat"`` (original ``anyres`` + ``flat``: crops in order).
     """
     _check_semantics(semantics)
+    if merge not in ("spatial_unpad", "flat"):
+        raise ValueError(f"merge must be 'spatial_unpad' or 'flat', got {merge!r}")
     height, width = int(height), int(width)
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got height={height}, width={width}")
@@ -384,12 +407,14 @@ def anyres_plan(height: int, width: int, pinpoints=DEFAULT_PINPOINTS, semantics:
         resized_h=resized_h, resized_w=resized_w,
         pad_top=(pin_h - resized_h) // 2, pad_left=(pin_w - resized_w) // 2,
         row_offset=row_offset, col_offset=col_offset, rows_kept=rows_kept, cols_kept=cols_kept,
-        num_tokens=t * t + rows_kept * (cols_kept + 1),
+        num_tokens=t * t * (rows * cols + 1) if merge == "flat" else t * t + rows_kept * (cols_kept + 1),
+        merge=merge,
     )
 
 
 def preprocess_anyres(image, pinpoints=DEFAULT_PINPOINTS, semantics: str = "hf", crop_size: int = 336,
-                      patch_size: int = 14) -> tuple[np.ndarray, AnyResPlan]:
+                      patch_size: int = 14, resize: int | None = None,
+                      merge: str = "spatial_unpad") -> tuple[np.ndarray, AnyResPlan]:
     """LLaVA-NeXT AnyRes preprocessing: float32 ``(num_crops, 3, crop, crop)`` and its ``AnyResPlan``.
 
     Crop 0 is the whole image squashed to ``crop x crop`` (plain bicubic resize, no aspect kept);
@@ -397,17 +422,25 @@ def preprocess_anyres(image, pinpoints=DEFAULT_PINPOINTS, semantics: str = "hf",
     with the odd pixel right/bottom), row-major. Pixel-identical to ``LlavaNextImageProcessorPil``
     (``"hf"``) and to ``llava.mm_utils.process_anyres_image`` with an HF CLIP-336 processor
     (``"original"``); the two differ only where they choose a different pinpoint.
+
+    With ``resize`` (the processor's shortest-edge ``size``) other than ``crop_size``, both references squash
+    the base image to ``resize x resize`` instead, and put every crop (base and tiles) through the CLIP steps:
+    shortest edge -> ``resize``, center crop -> ``crop_size``. ``merge`` only changes the plan.
     """
     _check_semantics(semantics)
     rgb = load_image(image, semantics)
-    plan = anyres_plan(rgb.height, rgb.width, pinpoints, semantics, crop_size, patch_size)
+    plan = anyres_plan(rgb.height, rgb.width, pinpoints, semantics, crop_size, patch_size, merge)
     canvas = np.zeros((plan.pin_h, plan.pin_w, 3), dtype=np.uint8)
     resized = np.asarray(rgb.resize((plan.resized_w, plan.resized_h), Image.Resampling.BICUBIC))
     canvas[plan.pad_top : plan.pad_top + plan.resized_h, plan.pad_left : plan.pad_left + plan.resized_w] = resized
     c = crop_size
     tiles = canvas.reshape(plan.rows, c, plan.cols, c, 3).swapaxes(1, 2).reshape(-1, c, c, 3)
-    base = np.asarray(rgb.resize((c, c), Image.Resampling.BICUBIC))
-    return _normalize(np.concatenate([base[None], tiles])), plan
+    if resize is None or resize == c:
+        base = np.asarray(rgb.resize((c, c), Image.Resampling.BICUBIC))
+        return _normalize(np.concatenate([base[None], tiles])), plan
+    base = _clip_steps(rgb.resize((resize, resize), Image.Resampling.BICUBIC), c, resize)
+    tiles = [_clip_steps(Image.fromarray(tile), c, resize) for tile in tiles]
+    return _normalize(np.stack([base, *tiles])), plan
 
 
 def group_by_pinpoint(plans: Sequence[AnyResPlan]) -> dict[tuple[int, int], list[int]]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .activations import activation
 from .config import TextConfig
 from .kernels import get_kernels
 from .linear import Linear, stacked_layers
@@ -82,7 +83,7 @@ class DecoderLayer(nn.Module):
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         gate, up = K.project(h, [linear(cfg.intermediate_size, "gate_proj"), linear(cfg.intermediate_size, "up_proj")])
-        h = (nn.silu(gate.astype(dt)) * up.astype(dt))
+        h = activation(cfg.hidden_act)(gate.astype(dt)) * up.astype(dt)
         (out,) = K.project(h, [linear(width, "down_proj", cfg.intermediate_size)])
         return x + out.astype(dt), cache
 

@@ -87,7 +87,8 @@ class LlavaModel:
             return None
         v = self.config.vision
         return anyres_plan(height, width, self.config.image_grid_pinpoints, self.config.semantics,
-                           crop_size=v.image_size, patch_size=v.patch_size)
+                           crop_size=v.image_size, patch_size=v.patch_size,
+                           merge=self.config.patch_merge_type)  # [issue14] original anyres + flat
 
     def image_crops(self, pixel_values, image_sizes=None) -> list[ImageCrops]:
         """HF-style pixel arrays -> one `ImageCrops` per image.

@@ -12,9 +12,9 @@ Images enter as crops plus two host-computed index arrays, so that no shape depe
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from .activations import activation
 from .clip import CLIPVisionTower
 from .config import LlavaConfig
 from .kernels import get_kernels
@@ -23,20 +23,22 @@ from .llama import LlamaModel
 
 
 class Projector(nn.Module):
-    """`linear` (depth 1) or `mlp{depth}x_gelu`: Linear, then (GELU, Linear) * (depth - 1)."""
+    """`linear` (depth 1) or `mlp{depth}x_gelu`: Linear, then (activation, Linear) * (depth - 1); the
+    activation is the config's `projector_hidden_act` (erf GELU in every released LLaVA)."""
 
     depth: int
     hidden_size: int
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     kernels: str = "reference"
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
         K = get_kernels(self.kernels)
         for i in range(1, self.depth + 1):
             if i > 1:
-                x = jax.nn.gelu(x, approximate=False)  # erf GELU, as torch's nn.GELU(); tanh drifts
+                x = activation(self.act)(x)
             (x,) = K.project(x, [Linear(self.hidden_size, self.use_bias, self.dtype, name=f"linear_{i}")(x.shape[-1])])
             x = x.astype(self.dtype)
         return x
@@ -58,10 +60,11 @@ class LlavaNetwork(nn.Module):
 
     def setup(self):
         cfg, dt = self.config, self.dtype
-        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, dt, self.kernels)
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, dt, self.kernels,
+                                            cfg.vision_feature_layers)
         self.multi_modal_projector = Projector(cfg.projector_depth, cfg.text.hidden_size, cfg.projector_bias, dt,
-                                               self.kernels)
-        if cfg.model_type == "llava_next":
+                                               self.kernels, cfg.projector_hidden_act)
+        if cfg.has_image_newline:
             self.image_newline = self.param("image_newline", nn.initializers.normal(1.0), (cfg.text.hidden_size,), dt)
         self.language_model = LlamaModel(cfg.text, dt, self.kernels)
 
@@ -85,7 +88,7 @@ class LlavaNetwork(nn.Module):
             hidden = hidden[:, 1:]  # drop CLS
         projected = self.multi_modal_projector(hidden)
         rows = jnp.take(projected.reshape(-1, projected.shape[-1]), jnp.maximum(feature_index, 0), axis=0)
-        if self.config.model_type != "llava_next":
+        if not self.config.has_image_newline:
             return rows
         return jnp.where((feature_index < 0)[:, None], self.image_newline.astype(rows.dtype), rows)
 

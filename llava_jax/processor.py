@@ -42,10 +42,11 @@ class LlavaProcessor:
         rgb = load_image(image, cfg.semantics)
         size = (rgb.height, rgb.width)
         if cfg.model_type == "llava":
-            crops = preprocess_square([rgb], cfg.image_aspect_ratio, cfg.vision.image_size, cfg.semantics)
+            crops = preprocess_square([rgb], cfg.image_aspect_ratio, cfg.vision.image_size, cfg.semantics,
+                                      cfg.image_resize)
             return ProcessedImage(crops, None, cfg.tokens_per_crop, size)
         crops, plan = preprocess_anyres(rgb, cfg.image_grid_pinpoints, cfg.semantics, cfg.vision.image_size,
-                                        cfg.vision.patch_size)
+                                        cfg.vision.patch_size, cfg.image_resize, cfg.patch_merge_type)
         return ProcessedImage(crops, plan, plan.num_tokens, size)
 
     def token_ids(self, text: str, images: list[ProcessedImage]) -> list[int]:

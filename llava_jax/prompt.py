@@ -368,14 +368,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """Load the tokenizer of a checkpoint directory with ``AutoTokenizer`` (local files only).
+    """Load the tokenizer of a checkpoint directory (local files only), as the reference for its layout runs it.
 
-    The directory must hold ``tokenizer.json`` or ``tokenizer.model`` (with a ``tokenizer_config.json``
-    naming the class); otherwise ``TokenizerNotFoundError`` (a ``PromptError`` and a ``FileNotFoundError``).
+    - ``tokenizer.json`` present (llava-hf checkpoints): ``AutoTokenizer``, the fast tokenizer transformers runs.
+    - only ``tokenizer.model`` (original checkpoints, and llava-hf ones saved SentencePiece-only), with a
+      ``tokenizer_config.json`` naming a Llama tokenizer or none: ``OriginalLlamaTokenizer``, which encodes
+      exactly as the original LLaVA code's slow ``LlamaTokenizer`` (transformers 4.37) did; transformers 5's
+      own ``LlamaTokenizer`` does not (it encodes runs of spaces and a space after a special token
+      differently). Other SentencePiece classes go to ``AutoTokenizer``.
 
-    Note: a SentencePiece directory whose config names ``LlamaTokenizer`` gets transformers 5's rebuilt
-    tokenizer, which differs from the original (4.37, slow) one where a chunk starts with a space and for
-    runs of spaces. ``sentencepiece_tokenizer_dir`` writes a directory that encodes like the original.
+    No tokenizer file: ``TokenizerNotFoundError`` (a ``PromptError`` and a ``FileNotFoundError``).
     """
     path = Path(path)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -383,23 +385,39 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
             f"no tokenizer in {path}: looked for {' or '.join(_TOKENIZER_FILES)}"
             + ("" if path.is_dir() else " (the directory does not exist)")
         )
-    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
+    if not (path / "tokenizer.json").is_file() and _tokenizer_class(path) in _SENTENCEPIECE_LLAMA_CLASSES:
+        from .spm_tokenizer import OriginalLlamaTokenizer  # deferred: importing transformers takes seconds
+
+        return OriginalLlamaTokenizer.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-# Reproduces what the original code ran, transformers 4.37's slow LlamaTokenizer with legacy=True (Mistral
-# and Llama-2 ship "legacy": true): every chunk between special tokens is encoded by SentencePiece with its
-# dummy "▁" prefix. transformers 5's LlamaTokenizer cannot: its Metaspace pre-tokenizer skips the prefix
-# when a chunk starts with a space, and its merges are ranked by piece id rather than score (the whitespace
-# pieces "▁▁"... have score -1e9, so SentencePiece merges them last). TokenizersBackend built from the
-# .model file follows the SentencePiece model's own settings; the tests check it against SentencePiece.
+# `tokenizer_class` values of SentencePiece-only directories that hold a Llama-family model: the original
+# checkpoints' "LlamaTokenizer" (also Mistral's and Yi's), its fast twin, none at all, and "TokenizersBackend"
+# (transformers 5's name for "build from the model file").
+_SENTENCEPIECE_LLAMA_CLASSES = (None, "LlamaTokenizer", "LlamaTokenizerFast", "TokenizersBackend")
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise PromptError(f"{config} is not a JSON object: {e}") from e
+
+
+# A tokenizer directory like an original checkpoint's: the original code's settings (Mistral and Llama-2 ship
+# "legacy": true; LLaVA pads with <unk>, llava/train/train.py).
 _SPM_TOKENIZER_CONFIG = {
-    "tokenizer_class": "TokenizersBackend",
+    "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
     "eos_token": "</s>",
     "unk_token": "<unk>",
-    "pad_token": "<unk>",  # LLaVA pads with unk (llava/train/train.py)
+    "pad_token": "<unk>",
     "add_bos_token": True,
     "add_eos_token": False,
     "legacy": True,
@@ -424,8 +442,8 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def sentencepiece_tokenizer_dir(model_file: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Make ``dest`` a tokenizer directory for a Llama-family SentencePiece model (``<s>``, ``</s>``, ``<unk>``).
 
-    Writes ``tokenizer.model`` (a copy of ``model_file``) and ``tokenizer_config.json`` such that
-    ``load_tokenizer(dest)`` encodes like the original LLaVA code's tokenizer (see ``_SPM_TOKENIZER_CONFIG``).
+    Writes ``tokenizer.model`` (a copy of ``model_file``) and a ``tokenizer_config.json`` like an original
+    checkpoint's, so ``load_tokenizer(dest)`` encodes like the original LLaVA code's tokenizer.
     Files already up to date are left alone, so ``dest`` works as a cache. Returns ``dest``.
     """
     dest = Path(dest)

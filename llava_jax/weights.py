@@ -29,7 +29,8 @@ PREFIXES = {
         (r"^(?:model\.)?image_newline$", "image_newline"),
     ],
     "original": [
-        (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision."),
+        # llava-torch under transformers 5 saves its CLIPVisionModel without the `vision_model.` segment
+        (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?", "vision."),
         (r"^model\.mm_projector\.(weight|bias)$", r"projector.0.\1"),  # mm_projector_type "linear"
         (r"^model\.mm_projector\.", "projector."),
         (r"^model\.image_newline$", "image_newline"),
@@ -123,6 +124,8 @@ def map_name(name: str, layout: str, config: LlavaConfig) -> Target | None:
             layer = int(groups.pop("layer")) if "layer" in groups else None
             if layer is not None and canon.startswith("vision.") and layer >= config.vision_layers_used:
                 return None  # past the feature layer: never computed
+            if canon == "image_newline" and not config.has_image_newline:
+                return None  # original pad + spatial_unpad checkpoints hold one that llava_arch never uses
             if "seq" in groups:
                 groups["seq"] = str(int(groups["seq"]) // 2 + 1)
             if "p" in groups:

@@ -60,10 +60,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g))
 
 
-def build_llava(kind="llava", text="mha", strategy="default", seed=0, vision=None, **cfg_kw):
+def build_llava(kind="llava", text="mha", strategy="default", seed=0, vision=None, text_kw=None, **cfg_kw):
     """An eval-mode HF LLaVA (1.5 for kind="llava", NeXT for "llava_next") with randomized weights."""
     vc = vision or vision_config()
-    tc = text_config(text)
+    tc = text_config(text, **(text_kw or {}))
     if kind == "llava":
         cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN,
                           vision_feature_select_strategy=strategy, tie_word_embeddings=False, **cfg_kw)
@@ -75,6 +75,50 @@ def build_llava(kind="llava", text="mha", strategy="default", seed=0, vision=Non
         model = LlavaNextForConditionalGeneration(cfg)
     randomize_(model, seed)
     return model.eval()
+
+
+def original_state(hf, with_vision: bool, vision_prefix: str = "model.vision_tower.vision_tower.vision_model.") -> dict:
+    """An HF model's weights under the original LLaVA names (docs/semantics.md, "Weight names").
+
+    vision_prefix: where the CLIP tower's tensors go; llava-torch under transformers 5 saves them under
+    "model.vision_tower.vision_tower." (no "vision_model.")."""
+    out = {}
+    for name, value in hf.state_dict().items():
+        value = value.detach().contiguous().numpy()
+        if name.startswith("model.language_model."):
+            out["model." + name.removeprefix("model.language_model.")] = value
+        elif name == "lm_head.weight" or name == "model.image_newline":
+            out[name] = value
+        elif name.startswith("model.multi_modal_projector.linear_"):
+            index, param = name.removeprefix("model.multi_modal_projector.linear_").split(".")
+            out[f"model.mm_projector.{2 * (int(index) - 1)}.{param}"] = value
+        elif name.startswith("model.vision_tower."):
+            if with_vision:
+                rest = name.removeprefix("model.vision_tower.").removeprefix("vision_model.")
+                out[vision_prefix + rest] = value
+        else:
+            raise KeyError(name)
+    return out
+
+
+def original_config(hf, vision_tower: str) -> dict:
+    """A flat original-LLaVA config.json for an HF model (see test_config.py's ORIGINAL_* dicts)."""
+    vision = hf.config.vision_config
+    text = hf.config.text_config.to_dict()
+    cfg = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
+                                "max_position_embeddings", "bos_token_id", "eos_token_id")}
+    cfg |= {"model_type": f"llava_{text['model_type']}", "tie_word_embeddings": False, "mm_hidden_size": vision.hidden_size,
+            "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+            "mm_vision_tower": vision_tower, "mm_use_im_start_end": False}
+    if text["model_type"] == "mistral":
+        cfg["sliding_window"] = None
+    if hf.config.model_type == "llava_next":
+        cfg |= {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+                "image_grid_pinpoints": [list(p) for p in hf.config.image_grid_pinpoints]}
+    else:
+        cfg |= {"image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}
+    return cfg
 
 
 def save(model, path) -> str:

@@ -76,8 +76,9 @@ def test_round_trip_of_normalized_config():
     [
         ({"mm_projector_type": "resampler"}, "projector type 'resampler' is not supported"),
         ({"mm_projector_type": "mlp3x_relu"}, "projector type 'mlp3x_relu'"),
-        ({"mm_vision_select_layer": [-2, -5]}, "list of vision feature layers"),
-        ({"mm_vision_select_layer": -30}, "selects no encoder layer"),
+        ({"mm_vision_select_layer": [-2, -5]}, "original code indexes hidden_states with it and fails on a list"),
+        ({"mm_vision_select_layer": -30}, "is not a hidden state of the tower's 24 layers"),
+        ({"mm_vision_select_layer": -25}, "selects only the embeddings"),
         ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature='cls'"),
         ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio='anyres_max_9'"),
         ({"mm_patch_merge_type": "spatial"}, "mm_patch_merge_type='spatial'"),
@@ -95,11 +96,61 @@ def test_unsupported_original_values_raise(change, message):
 
 def test_unsupported_hf_values_raise():
     hf = build_llava("llava_next", "mha").config.to_dict()
-    with pytest.raises(ConfigError, match="list of vision feature layers"):
-        config_from_dict({**hf, "vision_feature_layer": [-2, -1]})
-    with pytest.raises(ConfigError, match="projector_hidden_act='relu'"):
-        config_from_dict({**hf, "projector_hidden_act": "relu"})
-    with pytest.raises(ConfigError, match="LLaVA-NeXT needs vision_feature_select_strategy='default'"):
+    with pytest.raises(ConfigError, match=r"vision_feature_layer=\(-2, 4\) is not a hidden state"):
+        config_from_dict({**hf, "vision_feature_layer": [-2, 4]})
+    with pytest.raises(ConfigError, match=r"projector_hidden_act='xielu' is not supported \(supported: .*gelu_pytorch_tanh"):
+        config_from_dict({**hf, "projector_hidden_act": "xielu"})
+    with pytest.raises(ConfigError, match="decoder hidden_act='prelu' is not supported"):
+        config_from_dict({**hf, "text_config": {**hf["text_config"], "hidden_act": "prelu"}})
+    with pytest.raises(ConfigError, match="vision hidden_act='nope' is not supported"):
+        config_from_dict({**hf, "vision_config": {**hf["vision_config"], "hidden_act": "nope"}})
+    with pytest.raises(ConfigError, match="transformers' LlavaNext forward itself raises on 'full'"):
         config_from_dict({**hf, "vision_feature_select_strategy": "full"})
     with pytest.raises(ConfigError, match="neither a llava-hf config"):
         config_from_dict({"model_type": "qwen2_vl"})
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_hf_variants_accepted(kind):
+    """Configs transformers runs: other activations, several feature layers (HF hidden_states indices)."""
+    hf = build_llava(kind, "mha").config.to_dict()
+    hf["text_config"]["hidden_act"] = "gelu"
+    hf["vision_config"]["hidden_act"] = "gelu_new"
+    cfg = config_from_dict({**hf, "projector_hidden_act": "gelu_pytorch_tanh", "vision_feature_layer": [-2, -4, 1]})
+    assert (cfg.text.hidden_act, cfg.vision.hidden_act, cfg.projector_hidden_act) == ("gelu", "gelu_new",
+                                                                                     "gelu_pytorch_tanh")
+    # 3 layers, 4 hidden states: -2 is after layer 2, -4 the embeddings (after 0 layers), 1 after layer 1
+    assert cfg.vision_feature_layer == (-2, -4, 1) and cfg.vision_feature_layers == (2, 0, 1)
+    assert cfg.vision_layers_used == 2 and cfg.projector_input_size == 3 * 32
+    assert LlavaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    single = config_from_dict(build_llava(kind, "mha").config.to_dict())
+    assert single.vision_feature_layer == -2 and single.vision_feature_layers == (2,)
+    assert LlavaConfig.from_dict(json.loads(json.dumps(single.to_dict()))) == single
+
+
+@pytest.mark.parametrize(
+    "aspect, merge, model_type, newline",
+    [("anyres", "flat", "llava_next", False), ("anyres", "spatial_unpad", "llava_next", True),
+     ("pad", "spatial_unpad", "llava", False), ("pad", "flat", "llava", False), ("square", "spatial_unpad", "llava",
+                                                                                 False)],
+)
+def test_original_merge_variants(aspect, merge, model_type, newline):
+    """Every aspect/merge pair the original llava_arch runs (without anyres it never reads the merge type)."""
+    cfg = config_from_dict({**ORIGINAL_16_MISTRAL, "image_aspect_ratio": aspect, "mm_patch_merge_type": merge})
+    assert cfg.model_type == model_type and cfg.has_image_newline == newline
+    assert cfg.patch_merge_type == (merge if aspect == "anyres" else "flat")
+
+
+def test_image_processor_sizes(tmp_path):
+    build_llava("llava", "mha").config.save_pretrained(tmp_path)
+    assert load_config(str(tmp_path)).image_resize is None
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 64},
+                                                                   "crop_size": {"height": 56, "width": 56}}))
+    cfg = load_config(str(tmp_path))
+    assert cfg.image_resize == 64 and cfg.resize_size == 64 and cfg.vision.image_size == 56
+    for bad, message in [({"crop_size": 48}, "crop_size 48 differs from the vision tower's image_size 56"),
+                         ({"size": {"shortest_edge": 50}}, "size 50 is smaller than its crop size 56"),
+                         ({"size": {"height": 64, "width": 64}}, "give shortest_edge")]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(tmp_path))

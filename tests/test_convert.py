@@ -24,7 +24,7 @@ from llava_jax.config import load_config
 from llava_jax.image import anyres_plan
 from llava_jax.safetensors_io import CheckpointError, TensorRef
 
-from builders import build_llava, save
+from builders import build_llava, original_config, original_state, save
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = {"tokenizer_config.json": "{}", "special_tokens_map.json": "{}", "chat_template.jinja": "{{ x }}",
@@ -32,46 +32,6 @@ TOKENIZER_FILES = {"tokenizer_config.json": "{}", "special_tokens_map.json": "{}
 
 
 # ---------------------------------------------------------------- fixtures: HF and original checkpoints
-
-
-def original_state(hf, with_vision: bool) -> dict:
-    """An HF model's weights under the original LLaVA names (REFERENCE.md, "Weight names")."""
-    out = {}
-    for name, value in hf.state_dict().items():
-        value = value.detach().contiguous().numpy()
-        if name.startswith("model.language_model."):
-            out["model." + name.removeprefix("model.language_model.")] = value
-        elif name == "lm_head.weight" or name == "model.image_newline":
-            out[name] = value
-        elif name.startswith("model.multi_modal_projector.linear_"):
-            index, param = name.removeprefix("model.multi_modal_projector.linear_").split(".")
-            out[f"model.mm_projector.{2 * (int(index) - 1)}.{param}"] = value
-        elif name.startswith("model.vision_tower."):
-            if with_vision:
-                rest = name.removeprefix("model.vision_tower.").removeprefix("vision_model.")
-                out["model.vision_tower.vision_tower.vision_model." + rest] = value
-        else:
-            raise KeyError(name)
-    return out
-
-
-def original_config(hf, vision_tower: str) -> dict:
-    """A flat original-LLaVA config.json for an HF model (see test_config.py's ORIGINAL_* dicts)."""
-    text = hf.config.text_config.to_dict()
-    cfg = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
-                                "max_position_embeddings", "bos_token_id", "eos_token_id")}
-    cfg |= {"model_type": f"llava_{text['model_type']}", "tie_word_embeddings": False, "mm_hidden_size": 32,
-            "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
-            "mm_vision_tower": vision_tower, "mm_use_im_start_end": False}
-    if text["model_type"] == "mistral":
-        cfg["sliding_window"] = None
-    if hf.config.model_type == "llava_next":
-        cfg |= {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
-                "image_grid_pinpoints": [list(p) for p in hf.config.image_grid_pinpoints]}
-    else:
-        cfg |= {"image_aspect_ratio": "pad", "mm_patch_merge_type": "flat"}
-    return cfg
 
 
 def write_dir(path, tensors: dict, config: dict) -> str:

@@ -46,7 +46,7 @@ PINPOINTS = [list(p) for p in DEFAULT_PINPOINTS]  # as stored in config.json
 S = 336
 T = 576
 
-# (width, height), as REFERENCE.md writes sizes; both orientations of the extremes are included.
+# (width, height), as docs/semantics.md writes sizes; both orientations of the extremes are included.
 FIXED_WH = [(1, 1), (5, 3000), (3000, 5), (336, 336), (337, 335), (1000, 667), (1024, 899), (352, 748),
             (300, 200)]
 _rng = np.random.default_rng(1234)
@@ -310,7 +310,7 @@ def test_processor_token_count_for_real_images(hf_processor):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Known values (REFERENCE.md)
+# 4. Known values (docs/semantics.md)
 # --------------------------------------------------------------------------------------------------
 
 

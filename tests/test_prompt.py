@@ -2,7 +2,6 @@
 
 import importlib.resources
 import random
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,8 @@ import numpy as np
 import pytest
 
 from llava_jax import prompt as P
+
+from slow_llama_tokenizer import SlowLlamaTokenizer, train_llama_style_model
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 MISTRAL_MODEL = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
@@ -77,7 +78,7 @@ def test_render_prompt_equals_original(conversation, name, turns, system):
 
 
 def test_render_prompt_known_strings():
-    # Independent of llava-torch: the seed's llava_v1 prompt and REFERENCE.md's chatml/mistral forms.
+    # Independent of llava-torch: the seed's llava_v1 prompt and the chatml/mistral forms of docs/semantics.md.
     q = "<image>\nWhat are the things I should be cautious about when I visit here?"
     assert P.render_prompt("llava_v1", [q]) == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -127,31 +128,10 @@ def test_with_image_markers():
 # Tokenization
 
 
-class SlowLlamaLegacy:
-    """What the original code's tokenizer did (transformers 4.37 slow LlamaTokenizer, legacy=True), built
-    on SentencePiece alone: BOS, then the text split around the special tokens, each piece encoded by
-    SentencePiece (with its dummy "▁" prefix) and each special token mapped to its id."""
-
-    def __init__(self, model_file):
-        import sentencepiece
-
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        self.bos_token_id = self.sp.bos_id()
-        self.special = {
-            self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
-        }
-        self.split = re.compile("(" + "|".join(re.escape(s) for s in self.special) + ")").split
-
-    def __call__(self, text):
-        ids = [self.bos_token_id]
-        for piece in self.split(text):
-            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
-        return SimpleNamespace(input_ids=ids)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return SlowLlamaLegacy(MISTRAL_MODEL)
+    """The original code's tokenizer for llava-v1.6-mistral (legacy=True), on sentencepiece alone."""
+    return SlowLlamaTokenizer(MISTRAL_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +211,42 @@ def test_seed_token_structure(tokenizer, reference):
     piece = reference.sp.piece_to_id
     assert ids[at - 2 : at + 3] == [piece(":"), piece("▁"), IMAGE_TOKEN_INDEX, piece("▁"), piece("<0x0A>")]
     assert ids[at - 2 : at + 3] == [28747, 28705, IMAGE_TOKEN_INDEX, 28705, 13]
+
+
+# The six templates the released models use, on multi-turn conversations whose messages have irregular
+# whitespace (leading/trailing/double spaces, tabs, spaces before newlines) and images mid-text.
+SIX_TEMPLATES = ["vicuna_v1", "llava_v1", "mistral_instruct", "chatml_direct", "llava_llama_2", "plain"]
+IRREGULAR = {
+    "spaces": ["<image>\n  What is  shown here? ", "A  cat\t on a sofa .", " And   the colour?\n"],
+    "newlines": ["<image>\nDescribe it. \n\nBriefly.", "It is  a dog.\n\n", "\tWhy?  <image> \n Compare."],
+    "chunk starts": ["Look: <image>  left, <image>\tright", "  Two  images.", "Which is  larger ?"],
+    "look-alikes": ["<image>\n<s> [INST] </s>  x", " <unk>  ", "USER:  ASSISTANT: <|im_end|>"],
+}
+
+
+@pytest.fixture(scope="module")
+def llama_style_pair(tmp_path_factory):
+    """(our tokenizer, the reference) for a Llama-style model in legacy=False mode, as vicuna-based checkpoints
+    ship it (the Mistral pair above covers legacy=True)."""
+    import json
+
+    directory = tmp_path_factory.mktemp("llama-style")
+    (directory / "tokenizer.model").write_bytes(train_llama_style_model())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False}))
+    return P.load_tokenizer(directory), SlowLlamaTokenizer(directory / "tokenizer.model", legacy=False)
+
+
+@pytest.mark.parametrize("case", IRREGULAR, ids=IRREGULAR.keys())
+@pytest.mark.parametrize("name", SIX_TEMPLATES)
+def test_six_templates_prompt_ids_equal_original(conversation, mm_utils, tokenizer, reference, llama_style_pair,
+                                                 name, case):
+    turns = IRREGULAR[case][:1] if name == "plain" else IRREGULAR[case]  # PLAIN is single-turn only
+    text = P.render_prompt(name, turns)
+    assert text == original_prompt(conversation, name, turns, None)
+    for ours, theirs in [(tokenizer, reference), llama_style_pair]:
+        ids = P.tokenizer_image_token(text, ours, IMAGE_TOKEN_INDEX)
+        assert ids == mm_utils.tokenizer_image_token(text, theirs, IMAGE_TOKEN_INDEX)
+        assert ids.count(IMAGE_TOKEN_INDEX) == text.count("<image>")
 
 
 class CharTokenizer:

@@ -15,6 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+# The id the original code puts where `<image>` was (llava.constants.IMAGE_TOKEN_INDEX): never a real token.
+ORIGINAL_IMAGE_TOKEN_INDEX = -200
+
 
 class ConfigError(ValueError):
     """A config.json that llava-jax cannot run faithfully."""
@@ -378,7 +381,7 @@ def _from_original(d: dict[str, Any], name: str, base_dir: str | None) -> LlavaC
         projector_bias=True,
         vision_feature_layer=_original_feature_layer(d.get("mm_vision_select_layer", -2)),
         vision_feature_select_strategy=strategies[select],
-        image_token_id=-200,  # IMAGE_TOKEN_INDEX: original tokenizers have no image token
+        image_token_id=ORIGINAL_IMAGE_TOKEN_INDEX,  # original tokenizers have no image token
         image_aspect_ratio="anyres" if model_type == "llava_next" else aspect,
         image_grid_pinpoints=_pinpoints(d.get("image_grid_pinpoints")) if model_type == "llava_next" else (),
         patch_merge_type=merge,

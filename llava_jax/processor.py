@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import LlavaConfig
+from .config import ORIGINAL_IMAGE_TOKEN_INDEX, LlavaConfig
 from .image import AnyResPlan, load_image, preprocess_anyres, preprocess_square
 from .prompt import IMAGE_MARKER, PromptError, expand_image_tokens, tokenizer_image_token
 
@@ -59,7 +59,7 @@ class LlavaProcessor:
             parts = text.split(IMAGE_MARKER)
             expanded = parts[0] + "".join(IMAGE_MARKER * n + p for n, p in zip(counts, parts[1:], strict=True))
             return list(self.tokenizer(expanded)["input_ids"])
-        placeholder = -200  # never a real id: expanded right away
+        placeholder = ORIGINAL_IMAGE_TOKEN_INDEX  # never a real id: expanded right away
         ids = tokenizer_image_token(text, self.tokenizer, placeholder)
         return expand_image_tokens(ids, counts, self.config.image_token_id, placeholder_id=placeholder)
 

@@ -29,8 +29,6 @@ from .errors import InputError
 IMAGE_MARKER = "<image>"
 # run_llava.py lets a query say where the image goes with this string; it becomes IMAGE_MARKER.
 IMAGE_PLACEHOLDER = "<image-placeholder>"
-# The id the original code puts where `<image>` was (llava.constants.IMAGE_TOKEN_INDEX).
-ORIGINAL_IMAGE_TOKEN_INDEX = -200
 
 
 class PromptError(InputError):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -441,11 +440,3 @@ def preprocess_anyres(image, pinpoints=DEFAULT_PINPOINTS, semantics: str = "hf",
     base = _clip_steps(rgb.resize((resize, resize), Image.Resampling.BICUBIC), c, resize)
     tiles = [_clip_steps(Image.fromarray(tile), c, resize) for tile in tiles]
     return _normalize(np.stack([base, *tiles])), plan
-
-
-def group_by_pinpoint(plans: Sequence[AnyResPlan]) -> dict[tuple[int, int], list[int]]:
-    """Indices of ``plans`` grouped by pinpoint: images in a group share one vision input shape."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, plan in enumerate(plans):
-        groups.setdefault((plan.pin_h, plan.pin_w), []).append(i)
-    return groups

@@ -35,7 +35,6 @@ from llava_jax.image import (
     ImageError,
     anyres_plan,
     expand2square,
-    group_by_pinpoint,
     load_image,
     preprocess_anyres,
     preprocess_square,
@@ -346,17 +345,6 @@ def test_select_best_resolution_semantics():
         anyres_plan(10, 10, [[300, 600]])
     with pytest.raises(ValueError, match="positive"):
         anyres_plan(0, 10)
-
-
-def test_group_by_pinpoint():
-    plans = [anyres_plan(h, w) for h, w in [(667, 1000), (336, 336), (900, 1000), (200, 300)]]
-    assert group_by_pinpoint(plans) == {(672, 672): [0, 2], (336, 672): [1, 3]}
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Bad input
-# --------------------------------------------------------------------------------------------------
-
 
 def test_bad_inputs(tmp_path):
     missing = tmp_path / "nope.png"

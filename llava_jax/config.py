@@ -9,11 +9,12 @@ Two source layouts exist:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .jsonfile import read_json  # issue 13
 
 
 class ConfigError(ValueError):
@@ -279,8 +280,7 @@ def _original_vision(d: dict[str, Any], base_dir: str | None) -> VisionConfig:
     for candidate in (tower, os.path.join(base_dir or "", tower)):
         path = os.path.join(candidate, "config.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                return vision_config_from_dict(json.load(f))
+            return vision_config_from_dict(read_json(path, ConfigError, "config.json"))  # issue 13
     raise ConfigError(
         f"mm_vision_tower={tower!r} is neither a known CLIP ({', '.join(KNOWN_VISION_TOWERS)}) "
         "nor a local directory with a config.json"
@@ -351,7 +351,6 @@ def load_config(path: str) -> LlavaConfig:
     for fname in ("llava_jax_config.json", "config.json"):
         p = os.path.join(path, fname)
         if os.path.isfile(p):
-            with open(p) as f:
-                d = json.load(f)
+            d = read_json(p, ConfigError, fname)  # issue 13: invalid JSON is a ConfigError naming the file
             return config_from_dict(d, name=os.path.basename(os.path.normpath(path)), base_dir=path)
     raise ConfigError(f"no config.json in {path}")

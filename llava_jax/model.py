@@ -16,6 +16,7 @@ from .image import AnyResPlan, anyres_plan
 from .llama import init_cache
 from .llava import Llava, merge_image_features
 from .sharding import ShardingPlan, maybe_initialize_distributed, place_params, put, resolve_mesh, to_host
+from .validation import check_token_batch  # issue 13
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -240,6 +241,7 @@ class LlavaModel:
         them); attention_mask marks real tokens (left padding = 0). position_ids default to 0..seq-1, as in
         HF's forward (HF's `generate` instead uses cumsum(attention_mask) - 1).
         """
+        input_ids, attention_mask = check_token_batch(input_ids, attention_mask, self.config)  # issue 13
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")
@@ -275,7 +277,8 @@ def _adopt_host_arrays(tree: dict) -> dict:
     return tree
 
 
-def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False) -> LlavaModel:
+def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False,
+         verify: bool | None = None) -> LlavaModel:  # issue 13: verify
     """Load a LLaVA checkpoint directory: llava-hf or original safetensors, or a llava-jax converted one.
 
     dtype: "float32", "bfloat16" or "float16": the dtype params are stored and computed in.
@@ -284,6 +287,8 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False) -> LlavaMo
     devices, the model axis as wide as the heads allow within a host; a single device means no mesh) or None
     (the default device only). fsdp: also shard the embedding dimension of weight matrices over `data`.
     Each parameter is placed onto its sharding as it is loaded: no device ever holds a whole sharded tensor.
+    verify: check the files against the checksums written with the checkpoint (converted checkpoints and the
+    default model; `integrity`); None (default): on unless LLAVA_JAX_VERIFY=0. False skips the hashing.
     """
     maybe_initialize_distributed()
     from . import checkpoint
@@ -300,9 +305,9 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False) -> LlavaMo
     # host reads only its shards); safetensors tensors are device_put onto them one by one.
     shardings = None if mesh is None else ShardingPlan.create(mesh, config, fsdp).param_shardings(abstract)
     if checkpoint.is_converted(path):  # written by llava-jax-convert: one Orbax restore onto the shardings
-        params = checkpoint.restore_params(path, abstract, shardings)
+        params = checkpoint.restore_params(path, abstract, shardings, verify=verify)  # issue 13: verify
         return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp)
-    sources = checkpoint.open_source(path).sources  # original LLaVA-1.5: plus its CLIP checkpoint
+    sources = checkpoint.open_source(path, verify=verify).sources  # original LLaVA-1.5: plus its CLIP checkpoint
     params = load_safetensors_params(sources, config, abstract, dt)
     if shardings is None:
         params = _adopt_host_arrays(params)

@@ -11,6 +11,7 @@ from .errors import InputError
 from .generate import cache_bucket, prepare_batch, prompt_bucket, run_generation
 from .prompt import IMAGE_MARKER, PromptError, default_template, render_prompt, with_image_markers
 from .sampling import make_sampler
+from .validation import check_token_batch, validate_sampling  # issue 13
 
 RAW = "raw"  # template name meaning: use the prompt text as is
 
@@ -96,6 +97,7 @@ def generate(model, prompts, images=None, *, max_new_tokens: int = 128, temperat
 def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max_new_tokens, temperature, top_p,
                         top_k, seed, stop, stop_token_ids, return_ids, stream, single=False):
     """Generate from fully rendered prompt texts (with `<image>` markers) and their images."""
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, seed=seed)  # issue 13
     cfg = model.config
     processor = model.processor
     rows, row_features = [], []
@@ -143,6 +145,8 @@ def generate_ids(model, input_ids, pixel_values=None, image_sizes=None, attentio
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_token_ids: Sequence[int] | None = None):
     """See `LlavaModel.generate_ids`."""
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)  # issue 13
+    input_ids, attention_mask = check_token_batch(input_ids, attention_mask, model.config)  # issue 13
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")

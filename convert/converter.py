@@ -43,7 +43,7 @@ from llava_jax.checkpoint import (
 from llava_jax.config import LlavaConfig
 from llava_jax.dtypes import resolve_dtype
 from llava_jax.errors import CheckpointError, first_line
-from llava_jax.integrity import write_manifest
+from llava_jax.integrity import MANIFEST_FILE, write_manifest
 from llava_jax.model import abstract_params
 from llava_jax.safetensors_io import TensorRef, iter_tensors
 from llava_jax.weights import ParamPlan, Placement, transform
@@ -164,7 +164,7 @@ def convert(src: str, out: str, dtype: str | None = None, layout: str = "auto", 
             write_manifest(tmp, param_file_parts)
         except Exception as e:
             if _is_disk_full(e):
-                raise DiskFullError(errno.ENOSPC, f"no space left for {os.path.abspath(out)} (the conversion "
+                raise DiskFullError(f"no space left for {os.path.abspath(out)} (the conversion "
                                     f"needs about {conversion.param_bytes / 1e9:.2f} GB in "
                                     f"{os.path.dirname(os.path.abspath(out))}): {first_line(e)}") from e
             raise
@@ -233,6 +233,7 @@ def _write_info(directory: str, conversion: Conversion, dtype: str | None) -> No
         "params": conversion.param_count,
         "param_bytes": conversion.param_bytes,
         "skipped_unused_tensors": conversion.skipped,
+        "checksums": MANIFEST_FILE,  # load refuses this directory without it
     }
     with open(os.path.join(directory, INFO_FILE), "w") as f:
         json.dump(info, f, indent=2)

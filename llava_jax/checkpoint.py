@@ -153,6 +153,12 @@ def flatten(tree) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _written_with_checksums(path: str) -> bool:
+    """True when the conversion record says a manifest was written (conversions before checksums wrote none)."""
+    info = os.path.join(path, INFO_FILE)
+    return os.path.isfile(info) and bool(read_json(info, CheckpointError, INFO_FILE).get("checksums"))
+
+
 def stored_params(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{param path: (shape, dtype)} of a converted directory's params, from Orbax's metadata (no data read)."""
     import orbax.checkpoint as ocp
@@ -188,7 +194,8 @@ def restore_params(path: str, abstract, shardings=None, concurrent_gb: int = RES
     import jax
     import orbax.checkpoint as ocp
 
-    verify_manifest(path, verify, remedy=RECONVERT)
+    if not verify_manifest(path, verify, remedy=RECONVERT) and _written_with_checksums(path):
+        raise CheckpointError(f"{path}: {MANIFEST_FILE} is missing (it was written with the checkpoint); {RECONVERT}")
     stored = stored_params(path)
     want = {k: tuple(a.shape) for k, a in flatten(abstract).items()}
     have = {k: shape for k, (shape, _) in stored.items()}

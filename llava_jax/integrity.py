@@ -28,6 +28,7 @@ MANIFEST_FILE = "checksums.json"
 ALGORITHM = "xxh3_128"
 VERIFY_ENV = "LLAVA_JAX_VERIFY"
 _BLOCK = 8 << 20
+PART_BYTES = 256 << 20  # files are hashed in parts of at most this, so one big tensor keeps every thread busy
 
 # One byte range of a file: (start, end, owner), owner naming the tensor it holds (None: the file itself).
 Part = tuple[int, int, "str | None"]
@@ -67,10 +68,10 @@ def _parallel(fn, jobs: list) -> list:
 
 
 def _split(parts: list[tuple[int, int, str | None]]) -> list[tuple[int, int, str | None]]:
-    """Large parts cut into blocks of at most 256 MB, so that one big tensor is hashed by several threads."""
+    """Parts cut into blocks of at most `PART_BYTES`."""
     out = []
     for start, end, owner in parts:
-        step = 256 << 20
+        step = PART_BYTES
         out += [(s, min(s + step, end), owner) for s in range(start, end, step)] or [(start, end, owner)]
     return out
 
@@ -100,9 +101,10 @@ def write_manifest(directory: str, parts_of: Callable[[str, int], list[Part]] | 
     manifest = {"algorithm": ALGORITHM, "files": {
         rel: {"bytes": size, "parts": [[s, e, next(digests), owner] for s, e, owner in parts]}
         for rel, (size, parts) in layout.items()}}
+    lines = [f"  {json.dumps(rel)}: {json.dumps(entry, separators=(',', ':'))}"
+             for rel, entry in manifest["files"].items()]  # one file a line: readable, diffable
     with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=0, separators=(",", ":"))
-        f.write("\n")
+        f.write(f'{{"algorithm": "{ALGORITHM}", "files": {{\n' + ",\n".join(lines) + "\n}}\n")
     return manifest
 
 

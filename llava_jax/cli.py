@@ -75,7 +75,8 @@ def _arg(check, parse):
         except ValueError as e:
             if isinstance(e, InputError):
                 raise argparse.ArgumentTypeError(str(e)) from e
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {parse.__name__}") from e
+            kind = {int: "an integer", float: "a number"}.get(parse, parse.__name__)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from e
 
     convert.__name__ = parse.__name__
     return convert

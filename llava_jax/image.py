@@ -106,7 +106,7 @@ _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 def _warn_if_saturated(image: Image.Image, what: str) -> None:
     """Warn when the RGB conversion will clip values above 255 (e.g. a 16-bit grayscale PNG). The pixels
     are kept as PIL and HF make them, for parity; the warning says how to get the intended image."""
-    if image.mode in _HIGH_BIT_DEPTH_MODES and image.getextrema()[1] > 255:
+    if image.mode in _HIGH_BIT_DEPTH_MODES and np.asarray(image).max() > 255:  # getextrema fails on "I;16B"
         warnings.warn(
             f"image{' ' + what if what else ''} has mode {image.mode!r} with values above 255: converting it to RGB clips them to 255, "
             "as PIL and transformers do (a 16-bit grayscale PNG comes out mostly white). Scale it to 8 bits "

@@ -80,8 +80,7 @@ def generate(model, prompts, images=None, *, max_new_tokens: int = 128, temperat
             raise InputError(f"{len(prompt_list)} prompts but {len(images)} image entries: give one per prompt "
                              "(None, an image, or a list of images)")
         image_lists = [_as_image_list(i) for i in images]
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, seed=seed)  # issue 13
     template = template or default_template(model.config)
     texts = []
     for text, imgs in zip(prompt_list, image_lists, strict=True):

@@ -60,6 +60,9 @@ def decode_image(data: bytes, what: str) -> Image.Image:
         image.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own check, at twice the limit, fires first
+        raise ImageError(f"image {what} has more pixels than the limit of {max_pixels():,} "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS): {e}") from e
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise ImageError(f"cannot read image {what}: {e}") from e
     return image

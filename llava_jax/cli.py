@@ -88,8 +88,7 @@ def _load_model(args):
     from .sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # multi-host: before anything touches the devices
-    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False),
-                     verify=not getattr(args, "no_verify", False))
+    placement = dict(mesh=getattr(args, "mesh", "auto"), fsdp=getattr(args, "fsdp", False))
     if args.model:
         model = llava_jax.load(args.model, dtype=args.dtype, **placement)
     else:
@@ -269,6 +268,10 @@ def _report(error: BaseException) -> None:
 def main(argv=None) -> int:
     set_default_xla_flags()  # before jax starts its backend
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_verify", False):  # through the environment: bench's worker processes inherit it
+        from .integrity import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "0"
     _enable_compilation_cache()
     try:
         return args.func(args)

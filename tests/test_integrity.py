@@ -137,3 +137,16 @@ def test_manifest_parts_split_large_files(tmp_path, monkeypatch):
     with pytest.raises(ChecksumError, match="big.bin"):
         verify_manifest(str(tmp_path))
     assert json.loads((tmp_path / MANIFEST_FILE).read_text())["algorithm"] == "xxh3_128"
+
+
+def test_cli_reports_corruption_and_no_verify_skips_it(copy, monkeypatch, capsys):
+    from llava_jax import cli
+
+    flip_middle(chunk_files(copy / LM_HEAD)[0])
+    monkeypatch.setenv("LLAVA_JAX_VERIFY", "1")  # restored after the test (--no-verify sets it to 0)
+    monkeypatch.setenv("LLAVA_JAX_COMPILATION_CACHE", "off")
+    args = ["generate", "--model", str(copy), "--prompt", "Hi", "--max-new-tokens", "1", "--mesh", "none"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checksum mismatch in params/language_model.lm_head.kernel" in err
+    assert cli.main([*args, "--no-verify"]) == 0

@@ -150,3 +150,15 @@ def test_cli_reports_corruption_and_no_verify_skips_it(copy, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checksum mismatch in params/language_model.lm_head.kernel" in err
     assert cli.main([*args, "--no-verify"]) == 0
+
+
+def test_loading_never_imports_the_converter(converted):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys, llava_jax; llava_jax.load(sys.argv[1]); "
+              "assert not [m for m in sys.modules if m == 'convert' or m.startswith('convert.')]; print('OK')")
+    done = subprocess.run([sys.executable, "-c", script, converted], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo})
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]

@@ -1,8 +1,9 @@
 """`llava-jax-convert SRC OUT` / `python -m convert SRC OUT`: convert a LLaVA safetensors checkpoint once, then
 load it fast with `llava_jax.load(OUT)`.
 
-Exit status: 0 on success, 1 on bad input (the message says what and how to fix it), 130 on Ctrl-C. On any
-failure OUT is left as it was and no partial output remains.
+Exit status: 0 on success, 2 on bad input or a failed write (one line, `llava-jax-convert: error: ...`, saying
+what and how to fix it; usage errors too), 130 on Ctrl-C. On any failure OUT is left as it was and no
+partial output remains.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def _size(n: float) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from llava_jax.cli import OneLineParser
+
+    p = OneLineParser(
         prog="llava-jax-convert",
         description="Convert a LLaVA safetensors checkpoint (llava-hf LLaVA-1.5 / LLaVA-NeXT, or the original "
         "liuhaotian layout) to a llava-jax checkpoint directory: an Orbax checkpoint of the param tree, the "
@@ -37,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower", metavar="DIR", default=None,
                    help="CLIP safetensors checkpoint for original LLaVA-1.5 checkpoints, which hold no vision tower "
                    "(e.g. a local copy of openai/clip-vit-large-patch14-336)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists (once the new one is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists, once the new one is complete; only an earlier conversion is "
+                   "replaced: a directory holding anything a conversion does not write is refused")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     return p
 
@@ -49,20 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
     from llava_jax.config import ConfigError
-    from llava_jax.safetensors_io import CheckpointError
+    from llava_jax.errors import CheckpointError, InputError
 
     from .atomic import DestinationError, check_destination
-    from .converter import convert, plan, replaceable
+    from .converter import convert, foreign_entries, plan
 
     def fail(message: str) -> int:
         print(f"llava-jax-convert: error: {message}", file=sys.stderr)
-        return 1
+        return 2
 
     try:
-        check_destination(args.out, args.force, replaceable,
+        check_destination(args.out, args.force, foreign_entries,
                           [args.src] + ([args.vision_tower] if args.vision_tower else []))
         conversion = plan(args.src, args.dtype, args.layout, args.vision_tower)
-    except (CheckpointError, ConfigError, OSError) as e:  # DestinationError is an OSError
+    except (CheckpointError, ConfigError, InputError, OSError) as e:  # DestinationError is an OSError
         return fail(str(e))
     bar = None
     if not args.quiet:
@@ -88,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
         print(f"llava-jax-convert: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
-    except (CheckpointError, ConfigError, DestinationError, OSError) as e:
+    except (CheckpointError, ConfigError, InputError, DestinationError, OSError) as e:
         if bar is not None:
             bar.close()
-        return fail(f"{e} ({args.out} was not written)" if not isinstance(e, DestinationError) else str(e))
+        message = " ".join(str(e).split("\n")[0].split())  # one line
+        return fail(f"{message} ({args.out} was not written)" if not isinstance(e, DestinationError) else message)
+    for path in report.stale.removed:
+        print(f"llava-jax-convert: removed {path}, left by an interrupted conversion", file=sys.stderr)
+    for path in report.stale.kept:
+        print(f"llava-jax-convert: left {path} alone (a conversion still running, or not safely removable)",
+              file=sys.stderr)
     if bar is not None:
         bar.close()
         c = report.conversion

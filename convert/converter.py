@@ -5,17 +5,23 @@
    parameter and layer slot is covered and no tensor is left over (except the known-unused ones). Nothing
    is written and no data is read before the whole checkpoint checks out.
 2. Write: each parameter is a `StreamedArray` whose pieces are the source tensors, memory-mapped, transposed
-   as views, cast chunk by chunk while Orbax writes them (`llava_jax.checkpoint.save_params`). Peak memory
+   as views, cast chunk by chunk while Orbax writes them (`convert.writer.save_params`). Peak memory
    is about the largest tensor plus a chunk, never the model or a stacked parameter.
 3. Finish: normalized config, tokenizer/processor files and `conversion.json`; verify the written tree
-   (every param, shapes equal to `init`'s, dtypes); rename the temporary directory to OUT.
+   (every param, shapes equal to `init`'s, dtypes); write `checksums.json` (every file, each chunk file
+   named by its param: `llava_jax.integrity`); rename the temporary directory to OUT.
+
+Before writing, leftovers of earlier interrupted conversions to the same OUT are removed (`atomic.clean_stale`).
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,24 +30,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llava_jax.checkpoint import (
+    CONFIG_FILE,
     INFO_FILE,
     PARAMS_DIR,
-    Piece,
+    SUPPORT_FILES,
     SourceCheckpoint,
-    StreamedArray,
-    copy_support_files,
     flatten,
-    is_converted,
+    is_conversion_entry,
     open_source,
-    save_params,
     stored_params,
-    write_config,
 )
-from llava_jax.model import abstract_params, resolve_dtype
-from llava_jax.safetensors_io import CheckpointError, TensorRef, iter_tensors
+from llava_jax.config import LlavaConfig
+from llava_jax.dtypes import resolve_dtype
+from llava_jax.errors import CheckpointError, first_line
+from llava_jax.integrity import MANIFEST_FILE, write_manifest
+from llava_jax.model import abstract_params
+from llava_jax.safetensors_io import TensorRef, iter_tensors
 from llava_jax.weights import ParamPlan, Placement, transform
 
-from .atomic import atomic_directory, check_destination
+from .atomic import Stale, atomic_directory, check_destination, clean_stale
+from .writer import Piece, StreamedArray, save_params
 
 
 @dataclass
@@ -71,6 +79,11 @@ class Report:
     conversion: Conversion
     seconds: float
     copied: list[str] = field(default_factory=list)
+    stale: Stale = field(default_factory=Stale)  # leftovers of interrupted conversions found next to OUT
+
+
+class DiskFullError(OSError):
+    """The output's file system ran out of space (or hit a file size limit) during the conversion."""
 
 
 def _reader(ref: TensorRef, placement: Placement) -> Callable[[], np.ndarray]:
@@ -133,25 +146,77 @@ def convert(src: str, out: str, dtype: str | None = None, layout: str = "auto", 
     """
     start = time.monotonic()
     protected = [src] + ([vision_tower] if vision_tower else [])
-    check_destination(out, force, replaceable, protected)  # fail before planning, not after
+    check_destination(out, force, foreign_entries, protected)  # fail before planning, not after
     conversion = conversion or plan(src, dtype, layout, vision_tower)
-    with atomic_directory(out, force, replaceable, protected) as tmp:
-        save_params(os.path.join(tmp, PARAMS_DIR), conversion.tree,
-                    progress=(lambda piece: progress(piece.nbytes, 1)) if progress else None)
-        verify(tmp, conversion)
-        copied = copy_support_files(conversion.source.path, tmp)
-        for directory, lay in conversion.source.sources:
-            # original LLaVA-1.5 takes its image processor from the CLIP tower's directory
-            if lay == "clip" and "preprocessor_config.json" not in copied:
-                copied += copy_support_files(directory, tmp, only=("preprocessor_config.json",))
-        write_config(tmp, conversion.source.config)
-        _write_info(tmp, conversion, dtype)
-    return Report(os.path.abspath(out), conversion, time.monotonic() - start, copied)
+    stale = clean_stale(out, foreign_entries)
+    with atomic_directory(out, force, foreign_entries, protected) as tmp:
+        try:
+            save_params(os.path.join(tmp, PARAMS_DIR), conversion.tree,
+                        progress=(lambda piece: progress(piece.nbytes, 1)) if progress else None)
+            verify(tmp, conversion)
+            copied = copy_support_files(conversion.source.path, tmp)
+            for directory, lay in conversion.source.sources:
+                # original LLaVA-1.5 takes its image processor from the CLIP tower's directory
+                if lay == "clip" and "preprocessor_config.json" not in copied:
+                    copied += copy_support_files(directory, tmp, only=("preprocessor_config.json",))
+            write_config(tmp, conversion.source.config)
+            _write_info(tmp, conversion, dtype)
+            write_manifest(tmp, param_file_parts)
+        except Exception as e:
+            if _is_disk_full(e):
+                raise DiskFullError(f"no space left for {os.path.abspath(out)} (the conversion "
+                                    f"needs about {conversion.param_bytes / 1e9:.2f} GB in "
+                                    f"{os.path.dirname(os.path.abspath(out))}): {first_line(e)}") from e
+            raise
+    return Report(os.path.abspath(out), conversion, time.monotonic() - start, copied, stale)
 
 
-def replaceable(path: str) -> bool:
-    """What --force may replace: an empty directory or an earlier conversion."""
-    return os.path.isdir(path) and (not os.listdir(path) or is_converted(path))
+def foreign_entries(path: str) -> list[str]:
+    """The entries of directory `path` that a conversion does not write: --force replaces only a directory
+    with none (an empty one, or an earlier conversion with nothing added)."""
+    return [name for name in os.listdir(path) if not is_conversion_entry(name)]
+
+
+def param_file_parts(rel: str, size: int) -> list[tuple[int, int, str | None]]:
+    """Checksum parts of a converted directory's file: a file under `params/NAME/` (one Zarr array per param,
+    named `a.b.c`) is one part owned by the param `a/b/c`; any other file is its own part."""
+    parts = rel.split("/")
+    owner = parts[1].replace(".", "/") if len(parts) > 2 and parts[0] == PARAMS_DIR else None
+    return [(0, size, owner)]
+
+
+def copy_support_files(src: str, dest: str, only=SUPPORT_FILES) -> list[str]:
+    """Copy the tokenizer, processor and config files present in `src` to `dest`; returns their names.
+
+    Contents only: the copies get the mode new files get (the umask), not the source's."""
+    copied = []
+    for fname in sorted(os.listdir(src)):
+        if any(fnmatch.fnmatchcase(fname, pattern) for pattern in only) and os.path.isfile(
+                os.path.join(src, fname)):
+            shutil.copyfile(os.path.join(src, fname), os.path.join(dest, fname))
+            copied.append(fname)
+    return copied
+
+
+def write_config(dest: str, config: LlavaConfig) -> None:
+    """The normalized config, `llava_jax_config.json`: its presence marks a converted directory."""
+    with open(os.path.join(dest, CONFIG_FILE), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+
+
+# TensorStore reports a full disk as a status string, not as an OSError with an errno.
+_DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(marker in str(error) for marker in _DISK_FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _write_info(directory: str, conversion: Conversion, dtype: str | None) -> None:
@@ -168,6 +233,7 @@ def _write_info(directory: str, conversion: Conversion, dtype: str | None) -> No
         "params": conversion.param_count,
         "param_bytes": conversion.param_bytes,
         "skipped_unused_tensors": conversion.skipped,
+        "checksums": MANIFEST_FILE,  # load refuses this directory without it
     }
     with open(os.path.join(directory, INFO_FILE), "w") as f:
         json.dump(info, f, indent=2)

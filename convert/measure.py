@@ -2,8 +2,8 @@
 
     python -m convert.measure [--dir DIR] [--dtype bfloat16] [--layers 8] [--hidden 2048] [--keep]
 
-Writes a llava-hf checkpoint with random weights (real CLIP ViT-L/14-336 shapes, a Llama decoder of the given
-size; numpy straight to safetensors, two shards), then runs each step in a fresh subprocess and reports its
+Writes a llava-hf LLaVA-NeXT checkpoint with random weights (real CLIP ViT-L/14-336 shapes, a Llama decoder of
+the given size; `llava_jax.random_checkpoint`, 2 GB shards), then runs each step in a fresh subprocess and reports its
 peak RSS (`ru_maxrss`) and wall time: importing everything (the fixed overhead), converting, loading the
 converted directory, loading the safetensors source. Deletes everything afterwards unless --keep.
 """
@@ -11,7 +11,6 @@ converted directory, loading the safetensors source. Deletes everything afterwar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -19,64 +18,24 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
               num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
 def synthetic_checkpoint(path: str, hidden: int, layers: int, mlp: int, vocab: int, dtype: str) -> None:
-    """A llava-hf LLaVA-1.5 checkpoint (published on-disk names) with random weights, two shards + index."""
-    from safetensors.numpy import save_file
-
-    from llava_jax.model import resolve_dtype
+    """A llava-hf LLaVA-NeXT checkpoint with random weights (real CLIP ViT-L/14-336 shapes, a Llama decoder of
+    the given size), written by the project's one random-checkpoint writer, in 2 GB shards with an index."""
+    from llava_jax.random_checkpoint import write_random_checkpoint
 
     heads = hidden // 128
     text = dict(model_type="llama", hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab, rms_norm_eps=1e-5,
                 max_position_embeddings=4096, tie_word_embeddings=False)
-    config = dict(model_type="llava", architectures=["LlavaForConditionalGeneration"], vision_config=VISION,
-                  text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+    config = dict(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"],
+                  vision_config=VISION, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
                   vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    v, vm = VISION["hidden_size"], VISION["intermediate_size"]
-    shapes = {"multi_modal_projector.linear_1.weight": (hidden, v), "multi_modal_projector.linear_1.bias": (hidden,),
-              "multi_modal_projector.linear_2.weight": (hidden, hidden), "multi_modal_projector.linear_2.bias": (hidden,),
-              "vision_tower.vision_model.embeddings.class_embedding": (v,),
-              "vision_tower.vision_model.embeddings.patch_embedding.weight": (v, 3, 14, 14),
-              "vision_tower.vision_model.embeddings.position_embedding.weight": (577, v),
-              "vision_tower.vision_model.pre_layrnorm.weight": (v,), "vision_tower.vision_model.pre_layrnorm.bias": (v,),
-              "vision_tower.vision_model.post_layernorm.weight": (v,),
-              "vision_tower.vision_model.post_layernorm.bias": (v,)}
-    for i in range(VISION["num_hidden_layers"]):
-        p = f"vision_tower.vision_model.encoder.layers.{i}."
-        for m in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes |= {p + f"self_attn.{m}.weight": (v, v), p + f"self_attn.{m}.bias": (v,)}
-        shapes |= {p + "mlp.fc1.weight": (vm, v), p + "mlp.fc1.bias": (vm,), p + "mlp.fc2.weight": (v, vm),
-                   p + "mlp.fc2.bias": (v,)}
-        for n in ("layer_norm1", "layer_norm2"):
-            shapes |= {p + f"{n}.weight": (v,), p + f"{n}.bias": (v,)}
-    text_shapes = {"language_model.model.embed_tokens.weight": (vocab, hidden),
-                   "language_model.model.norm.weight": (hidden,), "language_model.lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"language_model.model.layers.{i}."
-        text_shapes |= {p + f"self_attn.{m}.weight": (hidden, hidden) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        text_shapes |= {p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
-                        p + "mlp.down_proj.weight": (hidden, mlp), p + "input_layernorm.weight": (hidden,),
-                        p + "post_attention_layernorm.weight": (hidden,)}
-    rng = np.random.default_rng(0)
-    dt = np.dtype(resolve_dtype(dtype))
-    index = {}
-    for k, part in enumerate((shapes, text_shapes)):
-        fname = f"model-{k + 1:05d}-of-00002.safetensors"
-        tensors = {n: (rng.standard_normal(s, np.float32) / np.sqrt(s[-1])).astype(dt) for n, s in part.items()}
-        save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
-        del tensors
-        index |= {n: fname for n in part}
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": index}, f)
+    write_random_checkpoint(path, config, dtype)
 
 
 # Peak RSS is VmHWM, the high-water mark of this process's own address space (ru_maxrss would carry over

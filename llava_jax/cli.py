@@ -1,9 +1,13 @@
-"""The `llava-jax` command: `generate`, `chat` and `bench`."""
+"""The `llava-jax` command: `generate`, `chat` and `bench`.
+
+User errors (bad values, unreadable files or images, checkpoints that cannot be read) print one line,
+`llava-jax: error: ...`, and exit with status 2, never a traceback; in `chat` they end only the message that
+caused them: the conversation goes on.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 
@@ -16,21 +20,35 @@ RANDOM_WEIGHTS_NOTICE = (
 
 
 def _open_image(source: str):
-    """A path, or an http(s) URL (fetched only because the user gave one)."""
-    if source.startswith(("http://", "https://")):
-        import urllib.request
+    """A path, or an http(s) URL (fetched only because the user gave one, within `url_image`'s limits)."""
+    from .url_image import fetch_image, is_url
 
-        from PIL import Image
+    return fetch_image(source) if is_url(source) else source
 
-        from .image import ImageError
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, `PROG: error: ...` (the command's first word), with
+    exit status 2, like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {' '.join(message.split())}\n")
+
+
+def _arg(check, parse):
+    """An argparse `type`: parse the string, then a `validation` check; its message becomes argparse's."""
+    from .errors import InputError
+
+    def convert(text: str):
         try:
-            with urllib.request.urlopen(source, timeout=30) as resp:  # noqa: S310 (user-given URL)
-                data = resp.read()
-            return Image.open(io.BytesIO(data))
-        except Exception as e:  # network errors, bad image data
-            raise ImageError(f"could not fetch image {source}: {e}") from e
-    return source
+            return check(parse(text))
+        except ValueError as e:
+            if isinstance(e, InputError):
+                raise argparse.ArgumentTypeError(str(e)) from e
+            kind = {int: "an integer", float: "a number"}.get(parse, parse.__name__)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from e
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _load_model(args):
@@ -67,15 +85,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="also shard the embedding dimension of weight matrices over the data axis")
     p.add_argument("--kernels", default="auto",
                    help="backend kernel set: auto (default: the backend's), reference, xla_cpu, gpu or tpu")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip hashing the checkpoint's files against its checksums.json when loading (files are "
+                   "still checked to exist with their sizes; LLAVA_JAX_VERIFY=0 does the same)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    from . import validation as v
+
+    p.add_argument("--max-new-tokens", type=_arg(v.check_max_new_tokens, int), default=128,
+                   help="an integer >= 1 (default 128)")
+    p.add_argument("--temperature", type=_arg(v.check_temperature, float), default=0.0,
+                   help="a finite number >= 0; 0 = greedy (default)")
+    p.add_argument("--top-p", type=_arg(v.check_top_p, float), help="nucleus sampling, in (0, 1]")
+    p.add_argument("--top-k", type=_arg(v.check_top_k, int), help="sample among the k likeliest tokens, k >= 1")
+    p.add_argument("--seed", type=_arg(v.check_seed, int), default=0)
+    p.add_argument("--stop", type=_arg(lambda s: v.check_stop(s)[0], str), action="append", default=[],
+                   help="stop string, not empty (repeatable)")
     p.add_argument("--template", help="conversation template (default: from the checkpoint); 'raw' = none")
     p.add_argument("--system", help="replace the template's system message")
 
@@ -99,7 +125,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+class _Answer:
+    """Streams one chat answer to stdout, writing the `ASSISTANT> ` prefix with its first text."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, _row: int, text: str) -> None:
+        if not self.started:
+            sys.stdout.write("ASSISTANT> ")
+            self.started = True
+        _print_delta(_row, text)
+
+    def finish(self) -> None:
+        if not self.started:
+            sys.stdout.write("ASSISTANT> ")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 def cmd_chat(args) -> int:
+    from .image import load_image
+
     model = _load_model(args)
     session = model.chat(template=args.template, system=args.system, **_sampling(args))
     pending = [_open_image(s) for s in args.image]
@@ -128,24 +175,36 @@ def cmd_chat(args) -> int:
             if not path:
                 print("usage: /image PATH_OR_URL", file=sys.stderr)
                 continue
-            from .image import load_image
-
-            img = _open_image(path)
-            load_image(img)  # fail now, not at the next message
+            try:
+                img = _open_image(path)
+                load_image(img)  # fail now, not at the next message
+            except USER_ERRORS as e:  # the conversation goes on without this image
+                _report(e)
+                continue
             pending.append(img)
             continue
-        sys.stdout.write("ASSISTANT> ")
-        session.ask(line, images=pending, stream=_print_delta)
+        answer = _Answer()
+        try:
+            session.ask(line, images=pending, stream=answer)
+        except USER_ERRORS as e:  # the session is unchanged: the message and its images were not added
+            if answer.started:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            _report(e)
+            if pending:
+                print(f"llava-jax: the {len(pending)} image(s) attached to that message were dropped; attach "
+                      "them again with /image", file=sys.stderr)
+            pending = []
+            continue
         pending = []
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        answer.finish()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
-    parser = argparse.ArgumentParser(prog="llava-jax", description="LLaVA-1.5 / LLaVA-NeXT in JAX")
+    parser = OneLineParser(prog="llava-jax", description="LLaVA-1.5 / LLaVA-NeXT in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt about zero or more images")
     _add_model_args(g)
@@ -162,20 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .errors import CheckpointError, InputError
+
+    # OSError: unreadable files, permissions, a full disk; the message names the file.
+    return InputError, CheckpointError, ConfigError, OSError
+
+
+USER_ERRORS = _user_errors()
+
+
+def _report(error: BaseException) -> None:
+    """Print a user error as one line on stderr."""
+    print(f"llava-jax: error: {' '.join(str(error).split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     set_default_xla_flags()  # before jax starts its backend
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .errors import InputError
-    from .image import ImageError
-    from .prompt import PromptError
-    from .safetensors_io import CheckpointError
+    if getattr(args, "no_verify", False):  # through the environment: bench's worker processes inherit it
+        from .integrity import VERIFY_ENV
 
+        os.environ[VERIFY_ENV] = "0"
     enable_compilation_cache()
     try:
         return args.func(args)
-    except (InputError, ImageError, PromptError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"llava-jax: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        _report(e)
         return 2
     except KeyboardInterrupt:
         return 130

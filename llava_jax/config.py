@@ -9,11 +9,12 @@ Two source layouts exist:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .jsonfile import read_json
 
 # The id the original code puts where `<image>` was (llava.constants.IMAGE_TOKEN_INDEX): never a real token.
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
@@ -340,8 +341,7 @@ def _original_vision(d: dict[str, Any], base_dir: str | None) -> VisionConfig:
     for candidate in (tower, os.path.join(base_dir or "", tower)):
         path = os.path.join(candidate, "config.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                return vision_config_from_dict(json.load(f))
+            return vision_config_from_dict(read_json(path, ConfigError, "config.json"))
     raise ConfigError(
         f"mm_vision_tower={tower!r} is neither a known CLIP ({', '.join(KNOWN_VISION_TOWERS)}) "
         "nor a local directory with a config.json"
@@ -448,13 +448,12 @@ def load_config(path: str) -> LlavaConfig:
     for fname in ("llava_jax_config.json", "config.json"):
         p = os.path.join(path, fname)
         if os.path.isfile(p):
-            with open(p) as f:
-                config = config_from_dict(json.load(f), name=os.path.basename(os.path.normpath(path)), base_dir=path)
+            d = read_json(p, ConfigError, fname)  # invalid JSON: a ConfigError naming the file
+            config = config_from_dict(d, name=os.path.basename(os.path.normpath(path)), base_dir=path)
             break
     else:
         raise ConfigError(f"no config.json in {path}")
     processor = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(processor):
-        with open(processor) as f:
-            config = with_image_processor(config, json.load(f))
+        config = with_image_processor(config, read_json(processor, ConfigError, "preprocessor_config.json"))
     return config

@@ -2,19 +2,20 @@
 
 It lets `llava-jax generate` run with no checkpoint at all, in seconds on a laptop CPU. Its weights are random:
 its answers are fluent-looking noise. It is written once as an ordinary llava-hf checkpoint directory (config,
-safetensors, tokenizer) under the cache directory, then loaded like any other checkpoint.
+safetensors, tokenizer, and `checksums.json`, which `load` verifies) under the cache directory, then loaded
+like any other checkpoint. A corrupted cache is reported by `load`; deleting the directory rebuilds it.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .prompt import mistral_tokenizer_dir
 from .random_checkpoint import write_random_checkpoint
+from .tempdir import make_temp_dir
 
-VERSION = 2  # bump when the recipe changes: the cache directory name includes it
+VERSION = 3  # bump when the recipe changes: the cache directory name includes it
 SEED = 1
 CONFIG = {
     "architectures": ["LlavaNextForConditionalGeneration"],
@@ -53,9 +54,10 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if (path / "model.safetensors").is_file():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
-    write_random_checkpoint(tmp, CONFIG, "float32", SEED)  # weights scaled for logits of order one
+    tmp = Path(make_temp_dir(root, prefix=".tiny-"))  # the mode mkdir gives: readable as the umask allows
     mistral_tokenizer_dir(tmp)
+    # weights scaled for logits of order one; checksums.json covers them and the tokenizer, verified by load
+    write_random_checkpoint(tmp, CONFIG, "float32", SEED)
     try:
         os.rename(tmp, path)  # atomic: a concurrent writer's copy is identical
     except OSError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -101,6 +102,22 @@ def _check_pil_size(image: Image.Image, what: str) -> None:
         raise ImageError(f"zero-sized image {what}: size (width, height) = {image.size}")
 
 
+# Modes whose values can exceed 255: PIL's (and so HF's) RGB conversion clips them, saturating to white.
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _warn_if_saturated(image: Image.Image, what: str) -> None:
+    """Warn when the RGB conversion will clip values above 255 (e.g. a 16-bit grayscale PNG). The pixels
+    are kept as PIL and HF make them, for parity; the warning says how to get the intended image."""
+    if image.mode in _HIGH_BIT_DEPTH_MODES and np.asarray(image).max() > 255:  # getextrema fails on "I;16B"
+        warnings.warn(
+            f"image{' ' + what if what else ''} has mode {image.mode!r} with values above 255: converting it to RGB clips them to 255, "
+            "as PIL and transformers do (a 16-bit grayscale PNG comes out mostly white). Scale it to 8 bits "
+            "first for the intended picture, e.g. Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))",
+            stacklevel=3,
+        )
+
+
 def load_image(source, semantics: str = "hf") -> Image.Image:
     """Load ``source`` as an RGB ``PIL.Image`` the way the chosen reference would see it.
 
@@ -114,6 +131,10 @@ def load_image(source, semantics: str = "hf") -> Image.Image:
         ``"original"`` mirrors the LLaVA scripts: ``Image.open(path).convert("RGB")`` (no EXIF
         transpose, alpha dropped), and ``image.convert("RGB")`` for PIL images.
         Arrays are converted like HF's numpy path in both cases (4 channels blend onto white).
+
+    Images with values above 255 (16-bit grayscale PNGs, modes "I;16", "I", "F") are converted as PIL and
+    HF convert them, clipped to 255, with a warning. Files larger than PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS`` x 2) are refused; URLs are fetched by ``url_image.fetch_image``.
 
     Raises:
       ImageError: unreadable or missing file, zero-sized image, unsupported array layout or mode.
@@ -140,6 +161,7 @@ def load_image(source, semantics: str = "hf") -> Image.Image:
         return _array_to_rgb(source)
     else:
         raise TypeError(f"unsupported image source type {type(source).__name__}")
+    _warn_if_saturated(image, f"in file {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "")
     try:
         return convert(image)
     except ValueError as e:  # e.g. a mode PIL cannot convert ("La")

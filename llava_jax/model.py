@@ -11,22 +11,14 @@ import numpy as np
 
 from .batch import ImageCrops, make_batch
 from .config import LlavaConfig, load_config
+from .dtypes import resolve_dtype
 from .engine import GenerationEngine
 from .errors import InputError
 from .image import AnyResPlan, anyres_plan
 from .kernels import resolve_kernels
 from .network import LlavaNetwork
 from .sharding import ShardingRules, maybe_initialize_distributed, place_params, resolve_mesh
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
-        return jnp.dtype(DTYPES[dtype])
-    return jnp.dtype(dtype)
+from .validation import check_token_batch
 
 
 def _init_inputs(config: LlavaConfig) -> tuple:
@@ -88,7 +80,7 @@ class LlavaModel:
         v = self.config.vision
         return anyres_plan(height, width, self.config.image_grid_pinpoints, self.config.semantics,
                            crop_size=v.image_size, patch_size=v.patch_size,
-                           merge=self.config.patch_merge_type)  # [issue14] original anyres + flat
+                           merge=self.config.patch_merge_type)
 
     def image_crops(self, pixel_values, image_sizes=None) -> list[ImageCrops]:
         """HF-style pixel arrays -> one `ImageCrops` per image.
@@ -166,12 +158,7 @@ class LlavaModel:
         them); attention_mask marks real tokens (left padding = 0). position_ids default to 0..seq-1, as in
         HF's forward (HF's `generate` instead uses cumsum(attention_mask) - 1).
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")
-        mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-        if mask.shape != ids.shape:
-            raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        ids, mask = check_token_batch(input_ids, attention_mask, self.config)
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape) if position_ids is None else position_ids
         images = [] if pixel_values is None else self.image_crops(pixel_values, image_sizes)
         batch = make_batch(ids, mask, images, self.config.image_token_id, self.batch_multiple, positions)
@@ -187,7 +174,8 @@ def _adopt_host_arrays(tree: dict) -> dict:
     return tree
 
 
-def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: str | None = None) -> LlavaModel:
+def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: str | None = None,
+         verify: bool | None = None) -> LlavaModel:
     """Load a LLaVA checkpoint directory: llava-hf or original safetensors, or a llava-jax converted one.
 
     dtype: "float32", "bfloat16" or "float16": the dtype params are stored and computed in.
@@ -197,6 +185,8 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: s
     (the default device only). fsdp: also shard the embedding dimension of weight matrices over `data`.
     Each parameter is placed onto its sharding as it is loaded: no device ever holds a whole sharded tensor.
     kernels: the backend kernel set, "auto" (default: from the backend), "reference", "xla_cpu", "gpu" or "tpu".
+    verify: check the files against the checksums written with the checkpoint (converted checkpoints and the
+    default model; `integrity`); None (default): on unless LLAVA_JAX_VERIFY=0. False skips the hashing.
     """
     maybe_initialize_distributed()
     from . import checkpoint
@@ -213,9 +203,9 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: s
     # host reads only its shards); safetensors tensors are device_put onto them one by one.
     shardings = None if mesh is None else ShardingRules.create(mesh, config, fsdp).param_shardings(abstract)
     if checkpoint.is_converted(path):  # written by llava-jax-convert: one Orbax restore onto the shardings
-        params = checkpoint.restore_params(path, abstract, shardings)
+        params = checkpoint.restore_params(path, abstract, shardings, verify=verify)
         return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp, kernels=kernels)
-    sources = checkpoint.open_source(path).sources  # original LLaVA-1.5: plus its CLIP checkpoint
+    sources = checkpoint.open_source(path, verify=verify).sources  # original LLaVA-1.5: plus its CLIP checkpoint
     params = load_safetensors_params(sources, config, abstract, dt)
     if shardings is None:
         params = _adopt_host_arrays(params)

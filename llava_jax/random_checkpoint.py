@@ -1,6 +1,7 @@
 """Deterministic random-weight LLaVA-NeXT checkpoints in the llava-hf layout, written without torch.
 
-Used by the embedded default model (`default_model.py`) and the benchmark (`llava-jax bench --make-checkpoint`).
+The one writer of random-weight checkpoints: used by the embedded default model (`default_model.py`), the
+benchmark (`llava-jax bench --make-checkpoint`) and the converter's measurement script (`convert.measure`).
 Each tensor is generated from a seed and its own name and written in row blocks straight into its safetensors
 shard (the header is computed first from the shapes), so memory stays at one block whatever the model size,
 and a tensor's values do not depend on which other tensors exist.
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+from .integrity import write_manifest
+from .safetensors_io import file_parts
+
 SHARD_BYTES = 2 << 30
 
 
@@ -97,13 +100,14 @@ def _tensor_blocks(name: str, shape: tuple[int, ...], kind: str, scale: float, s
 def write_random_checkpoint(path, config: dict, dtype: str = "float16", seed: int = 0,
                             shard_bytes: int = SHARD_BYTES, log=None) -> int:
     """Write `config.json` and the random weights of `config` (a llava-hf LLaVA-NeXT config dict) into `path`
-    as safetensors, sharded with an index above `shard_bytes`. Returns the number of parameters."""
-    import ml_dtypes
+    as safetensors, sharded with an index above `shard_bytes`, then `checksums.json` for every file in `path`
+    (files written there before, e.g. a tokenizer, included; `integrity`). Returns the number of parameters."""
+    from .dtypes import resolve_dtype, safetensors_code
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    st_dtype = SAFETENSORS_DTYPES[dtype]
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    st_dtype = safetensors_code(np_dtype)
     shards: list[list] = [[]]
     size = 0
     for t in checkpoint_tensors(config):
@@ -142,4 +146,6 @@ def write_random_checkpoint(path, config: dict, dtype: str = "float16", seed: in
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (path / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2))
+    write_manifest(str(path), lambda rel, size: file_parts(str(path / rel)) if rel.endswith(".safetensors")
+                   else [(0, size, None)])
     return params

@@ -14,26 +14,13 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
-DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
+from .dtypes import SAFETENSORS_DTYPES
+from .errors import CheckpointError
+from .jsonfile import read_json
+
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: missing or truncated files, bad names or shapes."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +65,13 @@ def read_header(path: str) -> list[TensorRef]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     refs = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+        dtype, shape, (begin, end) = _header_entry(path, name, info)
         if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
         if 8 + n + end > size:
@@ -97,14 +83,75 @@ def read_header(path: str) -> list[TensorRef]:
     return refs
 
 
+def file_parts(path: str) -> list[tuple[int, int, str | None]]:
+    """The byte ranges of a safetensors file for its checksum manifest (`integrity`): the header, owned by no
+    tensor, then each tensor's data, owned by its name; the rest of the file (padding, if any) at the end."""
+    refs = sorted(read_header(path), key=lambda r: r.start)
+    data_start = refs[0].start if refs else os.path.getsize(path)
+    parts: list[tuple[int, int, str | None]] = [(0, data_start, None)]
+    position = data_start
+    for ref in refs:
+        if ref.start > position:
+            parts.append((position, ref.start, None))
+        parts.append((ref.start, ref.end, ref.name))
+        position = max(position, ref.end)
+    if position < os.path.getsize(path):
+        parts.append((position, os.path.getsize(path), None))
+    return parts
+
+
+def _header_entry(path: str, name: str, info) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data offsets) of one header entry, checked field by field."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors header: tensor {name!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad("is not described by a JSON object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise bad(f"has no {key!r} field")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r} "
+                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    return SAFETENSORS_DTYPES[code], tuple(shape), (offsets[0], offsets[1])
+
+
+def read_index(path: str) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file name) of a checkpoint directory's shard index.
+
+    Shard names must be plain relative paths inside the directory: an absolute path or one that climbs out
+    with `..` is refused, so that an index can never make llava-jax read a file outside the checkpoint.
+    (Shards may be symlinks, as in the Hugging Face cache, whose files link into its `blobs/` directory.)
+    """
+    index = os.path.join(path, INDEX_FILE)
+    raw = read_json(index, CheckpointError, "shard index")
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: not a valid shard index: 'weight_map' must be an object of "
+                              "tensor name -> file name")
+    for name, file in weight_map.items():
+        parts = file.replace("\\", "/").split("/")
+        if os.path.isabs(file) or ".." in parts or not file.strip():
+            raise CheckpointError(f"{index}: tensor {name!r} is mapped to {file!r}, a path outside the checkpoint "
+                                  "directory: refusing to read it (shards must be files inside the directory)")
+    return weight_map
+
+
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint directory (sharded via the index, or every *.safetensors)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        names = sorted(set(read_index(path).values()))
         missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}")
@@ -131,8 +178,7 @@ def iter_tensors(path: str) -> Iterator[TensorRef]:
     index = os.path.join(path, INDEX_FILE)
     expected = None
     if os.path.isfile(index):
-        with open(index) as f:
-            expected = json.load(f)["weight_map"]
+        expected = read_index(path)
     for file in checkpoint_files(path):
         for ref in read_header(file):
             if ref.name in seen:

@@ -11,6 +11,7 @@ from .batch import ImageCrops, cache_bucket, left_pad, make_batch, prompt_bucket
 from .errors import InputError
 from .prompt import IMAGE_MARKER, PromptError, default_template, render_prompt, with_image_markers
 from .sampling import make_sampler
+from .validation import check_token_batch, validate_sampling
 
 RAW = "raw"  # template name meaning: use the prompt text as is
 
@@ -79,8 +80,8 @@ def generate(model, prompts, images=None, *, max_new_tokens: int = 128, temperat
             raise InputError(f"{len(prompt_list)} prompts but {len(images)} image entries: give one per prompt "
                              "(None, an image, or a list of images)")
         image_lists = [_as_image_list(i) for i in images]
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=stop,
+                      seed=seed)
     template = template or default_template(model.config)
     texts = []
     for text, imgs in zip(prompt_list, image_lists, strict=True):
@@ -120,6 +121,8 @@ def generate_token_rows(model, rows: list[list[int]], images: list[ImageCrops], 
 def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max_new_tokens, temperature, top_p,
                         top_k, seed, stop, stop_token_ids, return_ids, stream, single=False):
     """Generate from fully rendered prompt texts (with `<image>` markers) and their images."""
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=stop,
+                      seed=seed)
     cfg = model.config
     processor = model.processor
     rows, images = [], []
@@ -153,6 +156,8 @@ def generate_ids(model, input_ids, pixel_values=None, image_sizes=None, attentio
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_token_ids: Sequence[int] | None = None):
     """See `LlavaModel.generate_ids`."""
+    validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    input_ids, attention_mask = check_token_batch(input_ids, attention_mask, model.config)
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, seq), got shape {ids.shape}")

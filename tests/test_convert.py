@@ -290,7 +290,7 @@ def test_existing_output_needs_force(sources, converted, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(DestinationError, match="neither empty nor a llava-jax checkpoint"):
+    with pytest.raises(DestinationError, match=r"holds entries that a conversion does not write \(notes\.txt\)"):
         convert(src, str(precious), force=True)
     with pytest.raises(DestinationError, match="is or contains the input"):
         convert(src, os.path.dirname(src), force=True)
@@ -338,7 +338,7 @@ def test_cli(sources, tmp_path):
     assert {dt for _, dt in stored_params(out).values()} == {np.dtype(ml_dtypes.bfloat16)}
     script = os.path.join(os.path.dirname(sys.executable), "llava-jax-convert")  # the console script
     again = run([script, src, out, "--quiet"])
-    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "llava-jax-convert: error:" in again.stderr and "already exists; pass --force" in again.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"]
 

@@ -7,6 +7,6 @@ and the tokenizer/processor files, with checksums of every file. See `convert.co
 `llava_jax.checkpoint` for the format. Loading (`llava_jax.load`) never imports this package.
 """
 
-from .converter import Conversion, Report, convert, plan
+from .converter import Conversion, Report, convert, prepare_conversion
 
-__all__ = ["Conversion", "Report", "convert", "plan"]
+__all__ = ["Conversion", "Report", "convert", "prepare_conversion"]

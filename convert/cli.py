@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from llava_jax.errors import CheckpointError, InputError
 
     from .atomic import DestinationError, check_destination
-    from .converter import convert, foreign_entries, plan
+    from .converter import convert, foreign_entries, prepare_conversion
 
     def fail(message: str) -> int:
         print(f"llava-jax-convert: error: {message}", file=sys.stderr)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_destination(args.out, args.force, foreign_entries,
                           [args.src] + ([args.vision_tower] if args.vision_tower else []))
-        conversion = plan(args.src, args.dtype, args.layout, args.vision_tower)
+        conversion = prepare_conversion(args.src, args.dtype, args.layout, args.vision_tower)
     except (CheckpointError, ConfigError, InputError, OSError) as e:  # DestinationError is an OSError
         return fail(str(e))
     bar = None

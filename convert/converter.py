@@ -46,7 +46,7 @@ from llava_jax.errors import CheckpointError, first_line
 from llava_jax.integrity import MANIFEST_FILE, write_manifest
 from llava_jax.model import abstract_params
 from llava_jax.safetensors_io import TensorRef, iter_tensors
-from llava_jax.weights import ParamPlan, Placement, transform
+from llava_jax.weights import ParamAssembly, Placement, transform
 
 from .atomic import Stale, atomic_directory, check_destination, clean_stale
 from .writer import Piece, StreamedArray, save_params
@@ -54,7 +54,7 @@ from .writer import Piece, StreamedArray, save_params
 
 @dataclass
 class Conversion:
-    """A checked plan: the source, the param tree of `StreamedArray`s to write, and what it reads."""
+    """A checked conversion: the source, the param tree of `StreamedArray`s to write, and what it reads."""
 
     source: SourceCheckpoint
     tree: dict
@@ -90,14 +90,15 @@ def _reader(ref: TensorRef, placement: Placement) -> Callable[[], np.ndarray]:
     return lambda: transform(ref.memmap(), placement.target)
 
 
-def plan(src: str, dtype: str | None = None, layout: str = "auto", vision_tower: str | None = None) -> Conversion:
+def prepare_conversion(src: str, dtype: str | None = None, layout: str = "auto",
+                       vision_tower: str | None = None) -> Conversion:
     """Check a source checkpoint completely (headers only) and return what `convert` will write.
 
     dtype: "float32", "bfloat16", "float16", or None to keep each parameter's dtype on disk.
     """
     source = open_source(src, layout, vision_tower)
     abstract = abstract_params(source.config, "float32")
-    checker = ParamPlan(source.config, abstract)
+    checker = ParamAssembly(source.config, abstract)
     refs: dict[tuple[str, ...], list[tuple[Placement, TensorRef]]] = {}
     for directory, lay in source.sources:
         for ref in iter_tensors(directory):
@@ -147,7 +148,7 @@ def convert(src: str, out: str, dtype: str | None = None, layout: str = "auto", 
     start = time.monotonic()
     protected = [src] + ([vision_tower] if vision_tower else [])
     check_destination(out, force, foreign_entries, protected)  # fail before planning, not after
-    conversion = conversion or plan(src, dtype, layout, vision_tower)
+    conversion = conversion or prepare_conversion(src, dtype, layout, vision_tower)
     stale = clean_stale(out, foreign_entries)
     with atomic_directory(out, force, foreign_entries, protected) as tmp:
         try:

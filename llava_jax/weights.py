@@ -160,7 +160,7 @@ class Placement:
     shape: tuple[int, ...]
 
 
-class ParamPlan:
+class ParamAssembly:
     """Where each source tensor goes, checked against the model's abstract param tree before any data is read.
 
     The one per-tensor API behind both loading and conversion: `add` maps a source tensor by its name and
@@ -230,14 +230,14 @@ def load_safetensors_params(sources, config: LlavaConfig, abstract, dtype) -> di
     """
     from .safetensors_io import iter_tensors
 
-    plan = ParamPlan(config, abstract)
-    placed = [(plan.add(ref.name, layout, ref.shape), ref) for directory, layout in sources
+    assembly = ParamAssembly(config, abstract)
+    placed = [(assembly.add(ref.name, layout, ref.shape), ref) for directory, layout in sources
               for ref in iter_tensors(directory)]
-    plan.finish()
+    assembly.finish()
     arrays: dict[tuple[str, ...], np.ndarray] = {}
     for placement, ref in placed:
         if placement is not None:
-            _put(arrays, plan, placement, ref.read(), dtype)
+            _put(arrays, assembly, placement, ref.read(), dtype)
     return _tree(arrays)
 
 
@@ -247,18 +247,18 @@ def assemble_params(items, config: LlavaConfig, abstract, dtype) -> dict:
     Checks as it goes: every source name must map to a parameter (or be known-unused), every shape must
     match, and at the end every parameter and every layer slot must have been written. Errors name the tensor.
     """
-    plan = ParamPlan(config, abstract)
+    assembly = ParamAssembly(config, abstract)
     arrays: dict[tuple[str, ...], np.ndarray] = {}
     for name, layout, read in items:
-        if plan.skips(name, layout):
+        if assembly.skips(name, layout):
             continue
         source = np.asarray(read())
-        _put(arrays, plan, plan.add(name, layout, source.shape), source, dtype)
-    plan.finish()
+        _put(arrays, assembly, assembly.add(name, layout, source.shape), source, dtype)
+    assembly.finish()
     return _tree(arrays)
 
 
-def _put(arrays: dict, plan: ParamPlan, placement: Placement, source: np.ndarray, dtype) -> None:
+def _put(arrays: dict, assembly: ParamAssembly, placement: Placement, source: np.ndarray, dtype) -> None:
     target = placement.target
     value = transform(source, target)
     if target.layer is None:
@@ -266,7 +266,7 @@ def _put(arrays: dict, plan: ParamPlan, placement: Placement, source: np.ndarray
         arrays[target.path][...] = value
     else:
         if target.path not in arrays:
-            arrays[target.path] = aligned_empty(plan.specs[target.path].shape, dtype)
+            arrays[target.path] = aligned_empty(assembly.specs[target.path].shape, dtype)
         arrays[target.path][target.layer] = value
 
 

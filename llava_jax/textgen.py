@@ -32,9 +32,16 @@ class TextStreamer:
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.emitted = [""] * rows
         self.finished = [False] * rows
+        # The embedding matrix is often padded past the tokenizer's vocabulary (to a multiple of 64, say); a
+        # sampled id in that padding has no text, as transformers' fast tokenizers decode it.
+        self.vocab_size = len(tokenizer)
+
+    def decode(self, row: int) -> str:
+        return self.tokenizer.decode([t for t in self.tokens[row] if 0 <= t < self.vocab_size],
+                                     skip_special_tokens=True)
 
     def text(self, row: int) -> str:
-        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        text = self.decode(row)
         for s in self.stop_strings:
             if s in text:
                 text = text[: text.index(s)]
@@ -50,7 +57,7 @@ class TextStreamer:
                 if t in self.stop_ids:
                     self.finished[row] = True
                     break
-            full = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            full = self.decode(row)
             if any(s in full for s in self.stop_strings):
                 self.finished[row] = stop[row] = True
             text = self.text(row)

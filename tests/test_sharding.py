@@ -272,7 +272,7 @@ def test_cli_mesh_option(monkeypatch):
     seen = {}
     monkeypatch.setattr(llava_jax, "load", lambda path, **kw: seen.update(path=path, **kw))
     cli._load_model(args)
-    assert seen == {"path": "some/dir", "dtype": "float32", "mesh": "data=2,model=4", "fsdp": True}
+    assert seen == {"path": "some/dir", "dtype": "float32", "mesh": "data=2,model=4", "fsdp": True, "kernels": "auto"}
     default = cli.build_parser().parse_args(["generate", "--prompt", "hi"])
     assert default.mesh == "auto" and not default.fsdp
 

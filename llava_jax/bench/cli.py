@@ -91,6 +91,7 @@ def run_load_bench(args) -> dict:
     if args.compare_torch:
         jax_res, torch_res = result["jax"], result["torch"]
         result["ratios"] = {"load_ratio": jax_res["load_s"] / torch_res["load_s"],
+                            "load_cpu_ratio": jax_res["load_cpu_s"] / torch_res["load_cpu_s"],
                             "load_peak_rss_ratio": jax_res["load_peak_rss_gb"] / torch_res["load_peak_rss_gb"]}
     return result
 

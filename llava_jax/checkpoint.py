@@ -22,14 +22,14 @@ import fnmatch
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .config import ConfigError, LlavaConfig, config_from_dict, is_original_layout
 from .errors import CheckpointError, first_line
-from .integrity import MANIFEST_FILE, verify_manifest
+from .integrity import MANIFEST_FILE, part_digests, read_manifest, verification_enabled, verify_manifest
 from .jsonfile import read_json
 from .safetensors_io import checkpoint_files, iter_tensors
 from .weights import LAYOUT_SIGNATURES, canonical_name, map_name
@@ -59,6 +59,14 @@ class SourceCheckpoint:
     path: str
     config: LlavaConfig
     sources: tuple[tuple[str, str], ...]  # (directory, weights layout), e.g. ((ckpt, "original"), (clip, "clip"))
+    # tensors left for the reader to hash as it reads them (`open_source(defer_tensor_hashes=True)`):
+    # {(file, start, end): (digest, tensor name)}, as `integrity.part_digests` keys them
+    digests: dict = field(default_factory=dict)
+
+    @property
+    def remedy(self) -> str:
+        """What to do about a corrupted file of this checkpoint (the end of checksum errors)."""
+        return f"delete {self.path} and write it again"
 
 
 def is_converted(path: str) -> bool:
@@ -94,20 +102,27 @@ def _has_safetensors(path: str) -> bool:
 
 
 def open_source(path: str, layout: str = "auto", vision_tower: str | None = None,
-                verify: bool | None = None) -> SourceCheckpoint:
+                verify: bool | None = None, defer_tensor_hashes: bool = False) -> SourceCheckpoint:
     """Config and tensor sources of a llava-hf or original LLaVA safetensors checkpoint directory.
 
     vision_tower: a CLIP safetensors checkpoint directory, for original LLaVA-1.5 checkpoints (which hold no
     vision tower); without it, the config's `mm_vision_tower` is used when it is a local directory.
     A directory that carries a checksum manifest (the embedded default model) is verified against it
-    (`integrity.verify_manifest`; `verify=False` or LLAVA_JAX_VERIFY=0 skip the hashing).
+    (`integrity.verify_manifest`; `verify=False` or LLAVA_JAX_VERIFY=0 skip the hashing). With
+    `defer_tensor_hashes`, the tensors' bytes are left out of that, to be hashed by the reader from the bytes it
+    reads (the result's `digests`; `weights.load_safetensors_params`): the files are read once, not twice.
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"no config.json in {path}")
-    verify_manifest(path, verify, remedy=f"delete {path} and write it again")
+    manifest = read_manifest(path) if defer_tensor_hashes and verification_enabled(verify) else None
+    digests = {}
+    if manifest is not None:
+        tensors = {(ref.file, ref.start, ref.end) for ref in iter_tensors(path)}
+        digests = {key: value for key, value in part_digests(manifest, path).items() if key in tensors}
+    verify_manifest(path, verify, remedy=f"delete {path} and write it again", hashed_elsewhere=digests)
     raw = read_json(config_path, ConfigError, "config.json")
     name = os.path.basename(os.path.normpath(path))
     if vision_tower is not None:
@@ -139,7 +154,7 @@ def open_source(path: str, layout: str = "auto", vision_tower: str | None = None
                 "with --vision-tower DIR (llava-jax-convert), or set mm_vision_tower in config.json to that directory"
             )
         sources.append((local[0], "clip"))
-    return SourceCheckpoint(path, config, tuple(sources))
+    return SourceCheckpoint(path, config, tuple(sources), digests)
 
 
 # ---------------------------------------------------------------- restore
@@ -187,25 +202,25 @@ def restore_params(path: str, abstract, shardings=None, concurrent_gb: int = RES
     of `jax.sharding.Sharding`s, e.g. `NamedSharding`s of a mesh: each host then reads only its shards.
     concurrent_gb: host bytes read ahead of the device copies (at least the largest param): bounds the
     host memory beyond the params themselves.
-    verify: check every file against `checksums.json` first (`integrity.verify_manifest`); None: on unless
+    verify: check every file against `checksums.json` (`integrity.verify_manifest`); None: on unless
     LLAVA_JAX_VERIFY=0. Files missing or corrupted raise `CheckpointError` / `ChecksumError` naming the
     tensor; a directory converted before checksums existed is loaded unchecked.
+    On one device (shardings None), params stored as plain Zarr arrays (what the converter writes) are read
+    without Orbax, straight into host arrays of the target dtype, each chunk hashed as it is read
+    (`zarr_read`), then adopted by the device.
     """
+    if shardings is None:
+        params = _read_plain_params(path, abstract, verify)
+        if params is not None:
+            return params
     import jax
     import orbax.checkpoint as ocp
 
     if not verify_manifest(path, verify, remedy=RECONVERT) and _written_with_checksums(path):
         raise CheckpointError(f"{path}: {MANIFEST_FILE} is missing (it was written with the checkpoint); {RECONVERT}")
     stored = stored_params(path)
-    want = {k: tuple(a.shape) for k, a in flatten(abstract).items()}
-    have = {k: shape for k, (shape, _) in stored.items()}
-    if have != want:
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
-                 "shapes differ: " + ", ".join(f"{k} {have[k]} != {want[k]}" for k in wrong[:5]) if wrong else ""]
-        raise CheckpointError(f"{path}: the stored params do not fit its config ({'; '.join(p for p in parts if p)})")
+    _check_stored_shapes(path, {k: shape for k, (shape, _) in stored.items()},
+                         {k: tuple(a.shape) for k, a in flatten(abstract).items()})
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
@@ -221,6 +236,53 @@ def restore_params(path: str, abstract, shardings=None, concurrent_gb: int = RES
                                         args=ocp.args.PyTreeRestore(restore_args=args))
     except (ValueError, OSError, RuntimeError) as e:  # TensorStore / Orbax read errors: one line, not a traceback
         raise CheckpointError(f"{path}: reading the params failed ({first_line(e)}); {RECONVERT}") from e
+
+
+def _check_stored_shapes(path: str, have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> None:
+    if have != want:
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
+                 "shapes differ: " + ", ".join(f"{k} {have[k]} != {want[k]}" for k in wrong[:5]) if wrong else ""]
+        raise CheckpointError(f"{path}: the stored params do not fit its config ({'; '.join(p for p in parts if p)})")
+
+
+def _read_plain_params(path: str, abstract, verify: bool | None) -> dict | None:
+    """The param tree read by `zarr_read` onto the default device; None when some param is not a plain Zarr
+    array (or the directory lists other params than `abstract`'s): Orbax reads those."""
+    from .direct_read import adopt_host_arrays, run_jobs
+    from .integrity import checksum_error
+    from .weights import aligned_empty, tree_from_paths
+    from .zarr_read import chunk_jobs, open_array
+
+    params_dir = os.path.join(path, PARAMS_DIR)
+    want = flatten(abstract)
+    if not os.path.isdir(params_dir):
+        return None
+    stored_names = {e for e in os.listdir(params_dir) if os.path.isfile(os.path.join(params_dir, e, ".zarray"))}
+    if stored_names != {k.replace("/", ".") for k in want}:
+        return None  # let Orbax's metadata name what differs
+    arrays = {k: open_array(os.path.join(params_dir, k.replace("/", "."))) for k in want}
+    if any(a is None for a in arrays.values()):
+        return None
+    _check_stored_shapes(path, {k: a.shape for k, a in arrays.items()}, {k: tuple(a.shape) for k, a in want.items()})
+    manifest = read_manifest(path)
+    if manifest is None and _written_with_checksums(path):
+        raise CheckpointError(f"{path}: {MANIFEST_FILE} is missing (it was written with the checkpoint); {RECONVERT}")
+    digests = part_digests(manifest, path) if manifest is not None and verification_enabled(verify) else {}
+    dests = {k: aligned_empty(a.shape, a.dtype) for k, a in want.items()}
+    bad: list[tuple[str, str | None]] = []
+    jobs = [job for k, a in arrays.items() for job in chunk_jobs(a, dests[k], digests, lambda *b: bad.append(b))]
+    if manifest is not None:  # presence and sizes of every file; hashes of those the jobs do not read whole
+        read_whole = {(a.directory, a.chunk_bytes) for a in arrays.values()}
+        verify_manifest(path, verify, remedy=RECONVERT, hashed_elsewhere={  # the chunk files, hashed by the jobs
+            key for key in digests if key[1] == 0 and (os.path.dirname(key[0]), key[2]) in read_whole
+            and re.fullmatch(r"\d+(\.\d+)*", os.path.basename(key[0]))})
+    run_jobs(jobs)
+    if bad:
+        raise checksum_error(path, bad, RECONVERT)
+    return adopt_host_arrays(tree_from_paths({tuple(k.split("/")): v for k, v in dests.items()}))
 
 
 __all__ = [

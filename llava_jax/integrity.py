@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from .errors import CheckpointError, ChecksumError
 from .jsonfile import read_json
@@ -127,13 +127,48 @@ def _what(rel: str, owners) -> str:
     return f"{rel} (tensor {named})"
 
 
-def verify_manifest(directory: str, verify: bool | None = None, remedy: str = "") -> bool:
+def hash_bytes(data) -> str:
+    """The manifest's digest of a whole part held in memory (a buffer)."""
+    import xxhash
+
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def part_digests(manifest: dict, directory: str) -> dict[tuple[str, int, int], tuple[str, str | None]]:
+    """{(file path under `directory`, start, end): (digest, owner)} of every part in the manifest: a reader that
+    reads exactly a part's bytes can check them as it reads (`hash_bytes`, `new_hasher`), with no second read."""
+    return {(os.path.join(directory, *rel.split("/")), start, end): (digest, owner)
+            for rel, entry in manifest["files"].items() for start, end, digest, owner in entry["parts"]}
+
+
+def new_hasher():
+    """An incremental hasher of the manifest's algorithm (`update(bytes)`, `hexdigest()`)."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def checksum_error(directory: str, bad: list[tuple[str, str | None]], remedy: str = "") -> ChecksumError:
+    """The error for parts that hashed wrong: [(path, owner)], named by file (relative to `directory`) and
+    tensor."""
+    tail = f"; {remedy}" if remedy else ""
+    bad = [(os.path.relpath(path, directory).replace(os.sep, "/"), owner) for path, owner in bad]
+    files = sorted({rel for rel, _ in bad})
+    described = "; ".join(_what(rel, [o for r, o in bad if r == rel]) for rel in files[:3])
+    more = f" and {len(files) - 3} more files" if len(files) > 3 else ""
+    return ChecksumError(f"{directory}: checksum mismatch in {described}{more}: the file is corrupted"
+                         f"{tail} (LLAVA_JAX_VERIFY=0 skips this check)")
+
+
+def verify_manifest(directory: str, verify: bool | None = None, remedy: str = "",
+                    hashed_elsewhere: Collection[tuple[str, int, int]] = ()) -> bool:
     """Check `directory` against its manifest; returns False when it has none, True when it checked out.
 
     Every listed file must exist with its recorded size (always checked), and, when verification is on
     (`verification_enabled(verify)`), every part must hash to its recorded value. Raises `CheckpointError`
     for a missing file and `ChecksumError` for a changed one, naming the file and the tensor it holds;
-    `remedy` (how to recreate the directory) ends the message.
+    `remedy` (how to recreate the directory) ends the message. Parts in `hashed_elsewhere` ((path, start, end)
+    as `part_digests` keys them) are not hashed here: their reader hashes them as it reads them.
     """
     manifest = read_manifest(directory)
     if manifest is None:
@@ -149,7 +184,8 @@ def verify_manifest(directory: str, verify: bool | None = None, remedy: str = ""
         if size != entry["bytes"]:
             raise ChecksumError(f"{directory}: {_what(rel, owners)} has {size} bytes, {entry['bytes']} were written: "
                                 f"the file is corrupted or truncated{tail}")
-        jobs += [(rel, full, start, end, digest, owner) for start, end, digest, owner in entry["parts"]]
+        jobs += [(rel, full, start, end, digest, owner) for start, end, digest, owner in entry["parts"]
+                 if (full, start, end) not in hashed_elsewhere]
     if not verification_enabled(verify):
         return True
 
@@ -158,9 +194,6 @@ def verify_manifest(directory: str, verify: bool | None = None, remedy: str = ""
 
     bad = [b for b in _parallel(check, jobs) if b is not None]
     if bad:
-        files = sorted({rel for rel, _ in bad})
-        described = "; ".join(_what(rel, [o for r, o in bad if r == rel]) for rel in files[:3])
-        more = f" and {len(files) - 3} more files" if len(files) > 3 else ""
-        raise ChecksumError(f"{directory}: checksum mismatch in {described}{more}: the file is corrupted"
-                            f"{tail} (LLAVA_JAX_VERIFY=0 skips this check)")
+        raise checksum_error(directory, [(os.path.join(directory, *rel.split("/")), owner) for rel, owner in bad],
+                             remedy)
     return True

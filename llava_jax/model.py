@@ -165,15 +165,6 @@ class LlavaModel:
         return self.engine.forward_logits(self.params, batch)
 
 
-def _adopt_host_arrays(tree: dict) -> dict:
-    """Host arrays -> device arrays in place, one leaf at a time, each host array dropped as soon as it is
-    placed: on CPU `device_put` adopts a 64-byte aligned numpy buffer without copying, elsewhere at most one
-    tensor exists twice. (`tree_map(jnp.asarray, ...)` would hold two copies of every weight at its peak.)"""
-    for key, value in tree.items():
-        tree[key] = _adopt_host_arrays(value) if isinstance(value, dict) else jax.device_put(value)
-    return tree
-
-
 def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: str | None = None,
          verify: bool | None = None) -> LlavaModel:
     """Load a LLaVA checkpoint directory: llava-hf or original safetensors, or a llava-jax converted one.
@@ -190,6 +181,8 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: s
     """
     maybe_initialize_distributed()
     from . import checkpoint
+    from .direct_read import adopt_host_arrays
+    from .integrity import checksum_error
     from .safetensors_io import CheckpointError
     from .weights import load_safetensors_params
 
@@ -205,10 +198,15 @@ def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: s
     if checkpoint.is_converted(path):  # written by llava-jax-convert: one Orbax restore onto the shardings
         params = checkpoint.restore_params(path, abstract, shardings, verify=verify)
         return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp, kernels=kernels)
-    sources = checkpoint.open_source(path, verify=verify).sources  # original LLaVA-1.5: plus its CLIP checkpoint
-    params = load_safetensors_params(sources, config, abstract, dt)
+    # the tensors' checksums (when the directory has a manifest) are computed from the bytes read for loading
+    source = checkpoint.open_source(path, verify=verify, defer_tensor_hashes=True)
+    bad: list = []
+    params = load_safetensors_params(source.sources, config, abstract, dt, source.digests,  # original LLaVA-1.5:
+                                     lambda *failed: bad.append(failed))  # sources are it and its CLIP checkpoint
+    if bad:
+        raise checksum_error(path, bad, source.remedy)
     if shardings is None:
-        params = _adopt_host_arrays(params)
+        params = adopt_host_arrays(params)
     else:
         params = place_params(params, shardings)
     return LlavaModel(config, params, dt, path=path, mesh=mesh, fsdp=fsdp, kernels=kernels)

@@ -223,22 +223,36 @@ class ParamAssembly:
         return self.placements
 
 
-def load_safetensors_params(sources, config: LlavaConfig, abstract, dtype) -> dict:
+def load_safetensors_params(sources, config: LlavaConfig, abstract, dtype, digests=None, on_mismatch=None,
+                            progress=None) -> dict:
     """Read every tensor of `sources` [(directory, layout), ...] into a param tree shaped like `abstract`.
 
-    Every header is checked first (names, shapes, completeness), then the data is read one tensor at a time.
+    Every header is checked first (names, shapes, completeness); then each param is allocated once, in its
+    final (stacked) shape and in `dtype`, and every tensor is read straight into its slot
+    (`direct_read`: no per-tensor or per-layer copies, casts in parallel threads).
+    digests: {(file, start, end): (digest, owner)} of tensors to hash as they are read (`SourceCheckpoint.digests`;
+    unused ones are read just to hash them); `on_mismatch(file, owner)` for each that hashes otherwise.
+    progress(nbytes): called after each tensor is read, with its bytes on disk.
     """
+    from .direct_read import run_jobs, tensor_job
     from .safetensors_io import iter_tensors
 
+    digests = digests or {}
     assembly = ParamAssembly(config, abstract)
     placed = [(assembly.add(ref.name, layout, ref.shape), ref) for directory, layout in sources
               for ref in iter_tensors(directory)]
-    assembly.finish()
-    arrays: dict[tuple[str, ...], np.ndarray] = {}
-    for placement, ref in placed:
-        if placement is not None:
-            _put(arrays, assembly, placement, ref.read(), dtype)
-    return _tree(arrays)
+    placements = assembly.finish()
+    arrays = {path: aligned_empty(assembly.specs[path].shape, dtype) for path in placements}
+    jobs = []
+    for p, ref in placed:
+        expected = digests.get((ref.file, ref.start, ref.end))
+        if p is not None:
+            dest = arrays[p.target.path] if p.target.layer is None else arrays[p.target.path][p.target.layer]
+            jobs.append(tensor_job(dest, ref, p.target, expected, on_mismatch))
+        elif expected is not None:
+            jobs.append(tensor_job(None, ref, None, expected, on_mismatch))
+    run_jobs(jobs, progress=progress)
+    return tree_from_paths(arrays)
 
 
 def assemble_params(items, config: LlavaConfig, abstract, dtype) -> dict:
@@ -255,7 +269,7 @@ def assemble_params(items, config: LlavaConfig, abstract, dtype) -> dict:
         source = np.asarray(read())
         _put(arrays, assembly, assembly.add(name, layout, source.shape), source, dtype)
     assembly.finish()
-    return _tree(arrays)
+    return tree_from_paths(arrays)
 
 
 def _put(arrays: dict, assembly: ParamAssembly, placement: Placement, source: np.ndarray, dtype) -> None:
@@ -280,7 +294,8 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def _tree(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
+def tree_from_paths(arrays: dict[tuple[str, ...], np.ndarray]) -> dict:
+    """{(a, b, c): leaf} -> the nested dict {a: {b: {c: leaf}}}."""
     tree: dict = {}
     for path, value in arrays.items():
         node = tree

@@ -42,7 +42,37 @@ def positive(x):
 
 
 SIDE_FIELDS = ["ttft_s", "ttft_cold_s", "ttft_runs_s", "decode_tok_s", "decode_cold_tok_s", "decode_runs_tok_s",
-               "preprocess_s", "load_s", "peak_rss_gb", "rss_after_load_gb", "tokens", "floor_pct"]
+               "preprocess_s", "load_s", "load_cpu_s", "load_peak_rss_gb", "peak_rss_gb", "rss_after_load_gb", "tokens",
+               "floor_pct"]
+
+
+def test_load_only_times_both_loads(checkpoint, capsys):
+    """--load-only: each side's load in a fresh process, its time, CPU time and peak RSS, the ratios."""
+    r = json.loads(cli("bench", "--model", str(checkpoint), "--load-only", "--compare-torch", "--repeats", "0",
+                       "--json").stdout)
+    assert r["load_only"] and r["loads"] == 1 and r["torch_model"] == str(checkpoint)
+    for side in ("jax", "torch"):
+        s = r[side]
+        assert s["load_runs_s"] == [s["load_s"]]
+        for key in ("load_s", "load_cpu_s", "load_peak_rss_gb", "rss_after_load_gb", "param_bytes"):
+            assert positive(s[key]), (side, key)
+        assert s["load_peak_rss_gb"] >= s["rss_after_load_gb"] and s["load_peak_rss_gb"] >= s["rss_before_load_gb"]
+    assert r["ratios"]["load_ratio"] == r["jax"]["load_s"] / r["torch"]["load_s"]
+    from llava_jax.bench import print_report
+
+    print_report(r)
+    text = capsys.readouterr().out
+    assert "load (s), median" in text and "peak RSS while loading (GB)" in text
+
+
+def test_repeated_loads_give_the_median_and_the_highest_peak():
+    from llava_jax.bench.measure import summarize_loads
+
+    runs = [{"load_s": t, "load_cpu_s": t / 2, "load_peak_rss_gb": peak, "load_peak_rss_rise_gb": peak - 0.5}
+            for t, peak in ((3.0, 1.0), (1.0, 2.0), (2.0, 1.5))]
+    s = summarize_loads(runs)
+    assert s["load_s"] == 2.0 and s["load_cpu_s"] == 1.0  # the median run's figures
+    assert s["load_runs_s"] == [3.0, 1.0, 2.0] and s["load_peak_rss_gb"] == 2.0 and s["load_peak_rss_rise_gb"] == 1.5
 
 
 def test_bench_reports_every_field(checkpoint, capsys):

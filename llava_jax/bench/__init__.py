@@ -11,6 +11,9 @@ One command run measures, for a LLaVA-NeXT prompt with one image:
 - with `--compare-torch`, the same figures for transformers' `LlavaNextForConditionalGeneration` (same
   checkpoint, same image and prompt, greedy, forced to the same number of new tokens) and the ratios.
 
+`llava-jax bench --load-only` times only loading (`llava_jax.load` against `from_pretrained`), each side several
+times in fresh processes: the median, its CPU time and the peak RSS while loading.
+
 `llava-jax bench --make-checkpoint DIR --shape tinyllava` writes the benchmark's checkpoint without a hub.
 
 The modules, one concern each:

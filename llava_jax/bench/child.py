@@ -18,6 +18,7 @@ from pathlib import Path
 RESULT_MARK = "LLAVA_JAX_BENCH_RESULT "
 # side name -> (module of llava_jax.bench, function): each takes the options dict and returns a JSON-able dict
 SIDES = {"jax": ("jax_side", "run"), "torch": ("torch_side", "run"),
+         "jax_load": ("jax_side", "load_only"), "torch_load": ("torch_side", "load_only"),
          "jax_logits": ("jax_side", "logits"), "torch_logits": ("torch_side", "logits")}
 
 

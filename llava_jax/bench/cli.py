@@ -11,7 +11,7 @@ import os
 from .checkpoints import SHAPES, make_checkpoint
 from .child import run_child
 from .inputs import PROMPT
-from .measure import common_prefix, log, measure_bandwidth, text_weight_bytes
+from .measure import common_prefix, log, measure_bandwidth, summarize_loads, text_weight_bytes
 from .report import print_report
 
 
@@ -67,11 +67,40 @@ def run_bench(args) -> dict:
     return result
 
 
+def run_load_bench(args) -> dict:
+    """--load-only: `llava_jax.load` (and, with --compare-torch, `from_pretrained`), each `1 + repeats` times
+    in a fresh process, the sides alternating; each side's median load and its peak RSS, and the ratios."""
+    model_dir = args.model
+    if model_dir is None:
+        from ..default_model import default_model_dir
+
+        model_dir = str(default_model_dir())
+    opts = {"model": model_dir, "dtype": args.dtype, "mesh": args.mesh, "fsdp": args.fsdp, "kernels": args.kernels}
+    sides = ["jax"] + (["torch"] if args.compare_torch else [])
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(1 + args.repeats):
+        for side in sides:
+            side_opts = {**opts, "model": args.torch_model} if side == "torch" and args.torch_model else opts
+            runs[side].append(run_child(f"{side}_load", side_opts))
+            log(f"{side} load {i}: {runs[side][-1]['load_s']:.2f} s, peak RSS "
+                f"{runs[side][-1]['load_peak_rss_gb']:.2f} GB")
+    result = {"model": model_dir, "torch_model": args.torch_model or model_dir, "dtype": args.dtype,
+              "load_only": True, "loads": 1 + args.repeats,
+              "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())}}
+    result.update({side: summarize_loads(side_runs) for side, side_runs in runs.items()})
+    if args.compare_torch:
+        jax_res, torch_res = result["jax"], result["torch"]
+        result["ratios"] = {"load_ratio": jax_res["load_s"] / torch_res["load_s"],
+                            "load_cpu_ratio": jax_res["load_cpu_s"] / torch_res["load_cpu_s"],
+                            "load_peak_rss_ratio": jax_res["load_peak_rss_gb"] / torch_res["load_peak_rss_gb"]}
+    return result
+
+
 def cmd_bench(args) -> int:
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint, args.shape, args.checkpoint_dtype, seed=args.seed, log=log)
         return 0
-    result = run_bench(args)
+    result = run_load_bench(args) if args.load_only else run_bench(args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -92,6 +121,12 @@ def add_bench_parser(subparsers, add_model_args) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="rows: the same prompt and image B times")
     p.add_argument("--repeats", type=int, default=2, help="warm runs after the cold one (default 2)")
     p.add_argument("--compare-torch", action="store_true", help="also run transformers on PyTorch")
+    p.add_argument("--load-only", action="store_true",
+                   help="time only loading the model (and its peak RSS), 1 + --repeats times per side, each in a "
+                   "fresh process; the medians")
+    p.add_argument("--torch-model", metavar="DIR",
+                   help="with --compare-torch: the checkpoint transformers loads (default: --model); e.g. the "
+                   "safetensors source of a converted --model")
     p.add_argument("--compile-cache", action="store_true",
                    help="let the llava-jax side use the persistent compilation cache (default: off, so that "
                    "the cold run compiles)")

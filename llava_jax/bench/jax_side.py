@@ -25,9 +25,9 @@ from .measure import (
     decode_rate,
     log,
     peak_rss_bytes,
-    rss_bytes,
     summarize_runs,
     text_weight_bytes,
+    timed_load,
 )
 
 # The engine's programs (`GenerationEngine.embed`, `.insert_images` (one per AnyRes pinpoint), `.prefill`,
@@ -91,6 +91,33 @@ def run_once(model, text: str, images: list, new_tokens: int) -> dict:
     }
 
 
+def load_model(opts: dict):
+    """`llava_jax.load` as the benchmark times it (until every param is in place); the model and `timed_load`'s
+    figures, with the bytes of the params."""
+    import jax
+
+    import llava_jax
+
+    def load():
+        model = llava_jax.load(opts["model"], dtype=opts["dtype"], mesh=opts["mesh"], fsdp=opts["fsdp"],
+                               kernels=opts.get("kernels"))
+        jax.block_until_ready(model.params)
+        return model
+
+    model, loading = timed_load(load)
+    loading["param_bytes"] = int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params)))
+    return model, loading
+
+
+def load_only(opts: dict) -> dict:
+    """Only the load (`llava-jax bench --load-only`): its time and memory."""
+    import jax
+
+    out = load_model(opts)[1]
+    out["versions"] = {"jax": jax.__version__}
+    return out
+
+
 def run(opts: dict) -> dict:
     """Load the model, then a cold run and `repeats` warm ones; the side's results."""
     import jax
@@ -100,14 +127,7 @@ def run(opts: dict) -> dict:
 
         enable_compilation_cache()
     compile_log = CompileLog()
-    import llava_jax
-
-    t = time.perf_counter()
-    model = llava_jax.load(opts["model"], dtype=opts["dtype"], mesh=opts["mesh"], fsdp=opts["fsdp"],
-                           kernels=opts.get("kernels"))
-    jax.block_until_ready(model.params)
-    load_s = time.perf_counter() - t
-    rss_loaded = rss_bytes()
+    model, loading = load_model(opts)
     images = [bench_image(tuple(opts["image_size"]), opts.get("image"))] * opts["batch"]
     runs = []
     for i in range(1 + opts["repeats"]):
@@ -122,7 +142,7 @@ def run(opts: dict) -> dict:
     out = summarize_runs(runs)
     programs = {name: count for name, count in cold["programs"].items() if name in MODEL_PROGRAMS}
     out.update({
-        "load_s": load_s,
+        **loading,
         "compile_s": cold["compile_s"],
         "xla_compile_s": cold["xla_compile_s"],
         "model_programs": programs,
@@ -132,7 +152,6 @@ def run(opts: dict) -> dict:
         "warm_compilations": sum(r["xla_compilations"] for r in runs[1:]),
         "persistent_cache": {"enabled": bool(jax.config.jax_compilation_cache_dir), "hits": compile_log.hits,
                              "misses": compile_log.misses},
-        "rss_after_load_gb": rss_loaded / 1e9,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
         "tokens": cold["tokens"][0],
         "warm_tokens_equal": all(r["tokens"] == cold["tokens"] for r in runs[1:]),

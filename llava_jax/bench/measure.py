@@ -39,6 +39,28 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def timed_load(load) -> tuple[object, dict]:
+    """Call `load()` (it must return only once everything is in place); the result, and its time and memory:
+    load_s, the RSS before and after, and the peak RSS while loading (this process's peak so far: each side
+    runs in a fresh process, so it is the load's peak, imports included), also as the rise above the RSS
+    before loading; and the CPU time it took."""
+    before = rss_bytes()
+    cpu, t = _cpu_seconds(), time.perf_counter()
+    result = load()
+    load_s, load_cpu_s = time.perf_counter() - t, _cpu_seconds() - cpu
+    peak = peak_rss_bytes()
+    return result, {"load_s": load_s, "load_cpu_s": load_cpu_s, "rss_before_load_gb": before / 1e9,
+                    "rss_after_load_gb": rss_bytes() / 1e9, "load_peak_rss_gb": peak / 1e9,
+                    "load_peak_rss_rise_gb": (peak - before) / 1e9}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: on a machine shared with other jobs, the work a
+    load does, which its wall time shows only when the cores are free."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ---- runs ----
 def summarize_runs(runs: list[dict]) -> dict:
     """Cold = the first run; warm = the best of the others (min time to first token, max decode rate)."""
@@ -56,6 +78,15 @@ def summarize_runs(runs: list[dict]) -> dict:
         if key in best:
             out[key] = best[key]
     return out
+
+
+def summarize_loads(runs: list[dict]) -> dict:
+    """Repeated loads (each in a fresh process) -> the median run's figures, every run's time, and the highest
+    peak RSS of them all."""
+    median = sorted(runs, key=lambda r: r["load_s"])[(len(runs) - 1) // 2]
+    return {**median, "load_runs_s": [r["load_s"] for r in runs],
+            "load_peak_rss_gb": max(r["load_peak_rss_gb"] for r in runs),
+            "load_peak_rss_rise_gb": max(r["load_peak_rss_rise_gb"] for r in runs)}
 
 
 def decode_rate(new_tokens: int, decode_s: float) -> float:

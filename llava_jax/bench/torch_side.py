@@ -13,23 +13,53 @@ import zlib
 import numpy as np
 
 from .inputs import bench_image
-from .measure import decode_rate, log, peak_rss_bytes, rss_bytes, summarize_runs
+from .measure import decode_rate, log, peak_rss_bytes, summarize_runs, timed_load
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a llava-jax dtype name ("float32", "bfloat16", "float16")."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(opts: dict):
+    """`LlavaNextForConditionalGeneration.from_pretrained` as the benchmark times it (the model only: the
+    processor is timed apart, as llava-jax's `load` reads no tokenizer); the model and `timed_load`'s figures,
+    with the bytes of the params."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    dtype = torch_dtype(opts["dtype"])
+    model, loading = timed_load(lambda: LlavaNextForConditionalGeneration.from_pretrained(
+        opts["model"], dtype=dtype).eval().to(torch_device(opts)))
+    loading["param_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    return model, loading
+
+
+def load_only(opts: dict) -> dict:
+    """Only the load (`llava-jax bench --load-only`): its time and memory."""
+    import torch
+    import transformers
+
+    out = load_model(opts)[1]
+    out["threads"] = torch.get_num_threads()
+    out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return out
 
 
 def run(opts: dict) -> dict:
     """Load the model with transformers, then a cold run and `repeats` warm ones; the side's results."""
     import torch
     import transformers
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoProcessor
     from transformers.generation.streamers import BaseStreamer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts["dtype"]]
-    t = time.perf_counter()
+    dtype = torch_dtype(opts["dtype"])
     device = torch_device(opts)
-    model = LlavaNextForConditionalGeneration.from_pretrained(opts["model"], dtype=dtype).eval().to(device)
+    model, loading = load_model(opts)
+    t = time.perf_counter()
     processor = AutoProcessor.from_pretrained(opts["model"])
-    load_s = time.perf_counter() - t
-    rss_loaded = rss_bytes()
+    processor_load_s = time.perf_counter() - t
     gen = model.generation_config
     gen.eos_token_id = None  # forced length: never stop early (llava-jax: no stop ids)
     gen.pad_token_id = processor.tokenizer.pad_token_id or 0
@@ -77,8 +107,8 @@ def run(opts: dict) -> dict:
         log(f"torch run {i}: ttft {result['ttft_s']:.2f} s, decode {result['decode_tok_s']:.2f} tok/s")
     out = summarize_runs(runs)
     out.update({
-        "load_s": load_s,
-        "rss_after_load_gb": rss_loaded / 1e9,
+        **loading,
+        "processor_load_s": processor_load_s,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
         "tokens": runs[0]["tokens"],
         "new_tokens_generated": runs[0]["new_tokens"],
@@ -106,7 +136,7 @@ def logits(opts: dict) -> dict:
     import torch
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts["dtype"]]
+    dtype = torch_dtype(opts["dtype"])
     device = torch_device(opts)
     model = LlavaNextForConditionalGeneration.from_pretrained(opts["model"], dtype=dtype).eval().to(device)
     processor = AutoProcessor.from_pretrained(opts["model"])

@@ -116,11 +116,33 @@ def tensor_job(dest: np.ndarray | None, ref: TensorRef, target: Target | None, e
     return ReadJob(ref.nbytes, panel_bytes(ref), run)
 
 
+PROGRESS_MIN_BYTES = 256 << 20  # smaller loads take under a second: no bar
+
+
+def _progress_bar(total: int) -> Callable[[int], None] | None:
+    """A tqdm bar over the bytes read (on stderr; only for loads big enough to wait for), fed from every thread."""
+    if total < PROGRESS_MIN_BYTES:
+        return None
+    from tqdm.auto import tqdm
+
+    bar, lock = tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", leave=False), threading.Lock()
+
+    def advance(nbytes: int) -> None:
+        with lock:
+            bar.update(nbytes)
+            if bar.n >= bar.total:
+                bar.close()
+
+    return advance
+
+
 def run_jobs(jobs: list[ReadJob], threads: int | None = None, progress: Callable[[int], None] | None = None) -> None:
     """Run every job, largest first, on `threads` threads (default: one per CPU, at most `MAX_THREADS`), each
-    thread with one buffer; `progress(nbytes)` after each job. The first error is raised once all have ended."""
+    thread with one buffer; `progress(nbytes)` after each job (default: a progress bar for big loads). The first error is raised once all have ended."""
     threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
     jobs = sorted(jobs, key=lambda job: -job.nbytes)  # big ones first: the threads finish together
+    if progress is None:
+        progress = _progress_bar(sum(job.nbytes for job in jobs))
     size = max((job.buffer_bytes for job in jobs), default=0)
     local = threading.local()
 

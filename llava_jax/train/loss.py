@@ -17,8 +17,7 @@ import numpy as np
 
 from ..batch import PromptBatch, make_batch, prompt_bucket
 from ..errors import InputError
-
-IGNORE_INDEX = -100  # the label of an unsupervised token (HF's and the original code's)
+from .labels import IGNORE_INDEX
 
 
 @flax.struct.dataclass

@@ -21,6 +21,7 @@ norm, tokens/s); at the end the params are written as a model directory in OUT (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -119,22 +120,43 @@ def _load_model(path: str | None):
 
 
 class _StepProgram:
-    """The jitted train step: loss and gradients of the trainable params, then the optimizer update."""
+    """The jitted train step: loss and gradients of the trainable params, then the optimizer update. Made once per
+    (network, optimizer settings, trainable set) in a process (`step_program`), so that runs in one process
+    (a resumed run, a notebook) reuse its compiled programs."""
 
-    def __init__(self, network, tx: optax.GradientTransformation):
+    def __init__(self, network, optim: OptimConfig):
+        self.tx = None
+        self._optim = optim
+
         def step(trainable, opt_state, frozen, batch):
             def loss_of(t):
                 return loss_fn(network, merge_params(t, frozen), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, loss, optax.global_norm(grads)
+            updates, opt_state = self.tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, loss, optax.tree.norm(grads)
 
         self.run = jax.jit(step)
+        self.init = jax.jit(lambda trainable: self.tx.init(trainable))
+
+    def bind(self, trainable) -> _StepProgram:
+        """Build the optimizer for the trainable tree's structure (once)."""
+        if self.tx is None:
+            self.tx = make_optimizer(self._optim, trainable)
+        return self
 
     @property
     def compiled(self) -> int:
+        """Step programs compiled so far (one per batch shape)."""
         return self.run._cache_size()
+
+
+@functools.lru_cache(maxsize=8)
+def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool) -> _StepProgram:
+    from ..network import LlavaNetwork
+
+    # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
+    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -167,8 +189,10 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                         vision_lr=cfg.vision_lr if cfg.train_vision_tower else None)
     mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
     trainable, frozen = split_params(model.params, mask)
-    tx = make_optimizer(optim, trainable)
-    state = {"trainable": trainable, "opt_state": tx.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
+    program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage,
+                           cfg.train_vision_tower).bind(trainable)
+    compiled_before = program.compiled
+    state = {"trainable": trainable, "opt_state": program.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
 
     os.makedirs(cfg.output, exist_ok=True)
@@ -186,7 +210,6 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    program = _StepProgram(model.network, tx)
     collate = Collator(model, cfg.batch_size, cfg.max_length)
     result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped)
 
@@ -237,7 +260,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
         save()
         result.interrupted = True
         result.seconds = time.monotonic() - start
-        result.compiled_programs = program.compiled
+        result.compiled_programs = program.compiled - compiled_before
         checkpoints.close()
         raise
     bar.close()
@@ -245,7 +268,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     checkpoints.close()
     write_model(cfg.output, merge_params(state["trainable"], frozen), model.config, model.path)
     result.seconds = time.monotonic() - start
-    result.compiled_programs = program.compiled
+    result.compiled_programs = program.compiled - compiled_before
     return result
 
 

@@ -107,7 +107,8 @@ def _check(original, rows, tokenizer, template, has_image, max_length=4096, expe
             assert 0 < (labels != IGNORE_INDEX).sum() < len(labels)
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "vicuna_v1", "mistral_instruct", "llava_llama_2", "v1_mmtag"])
+@pytest.mark.parametrize("template", ["llava_v1", "vicuna_v1", "mistral_instruct", "llava_llama_2", "v1_mmtag",
+                                      "llava_v0", "v0_mmtag"])
 def test_finetune_labels_match_the_original_mistral_tokenizer(original, mistral, template):
     _check(original, IMAGE_ROWS, mistral, template, has_image=True)
     _check(original, TEXT_ROWS, mistral, template, has_image=False)
@@ -135,13 +136,13 @@ def test_pretrain_plain_labels_match_the_original(original, mistral):
     assert mistral.decode(ids[2:]).strip() == "a green triangle"
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "llava_llama_2"])
+@pytest.mark.parametrize("template", ["llava_v1", "llava_llama_2", "llava_v0"])
 def test_labels_match_the_original_nonlegacy_tokenizer(original, mistral_nonlegacy, template):
     _check(original, IMAGE_ROWS, mistral_nonlegacy, template, has_image=True)
     _check(original, TEXT_ROWS, mistral_nonlegacy, template, has_image=False)
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "mistral_instruct", "chatml_direct", "plain"])
+@pytest.mark.parametrize("template", ["llava_v1", "mistral_instruct", "chatml_direct", "llava_v0", "plain"])
 @pytest.mark.parametrize("max_length", [3, 17, 40])
 def test_truncation_matches_the_original(original, mistral, template, max_length):
     rows = CAPTIONS if template == "plain" else IMAGE_ROWS
@@ -170,8 +171,6 @@ def test_stage_template_and_refusals(mistral):
     assert stage_template("finetune", "mistral_instruct") == "mistral_instruct"
     with pytest.raises(InputError, match="stage"):
         stage_template("sft", "llava_v1")
-    with pytest.raises(LabelError, match="llava_v0.*no training recipe"):
-        build_example(IMAGE_ROWS[0], mistral, "llava_v0", True, 100)
     with pytest.raises(LabelError, match="unknown template"):
         build_example(IMAGE_ROWS[0], mistral, "nope", True, 100)
     with pytest.raises(LabelError, match="turn 1 is from 'human'"):

@@ -9,8 +9,7 @@ setting of every released model), then `preprocess` picks by template:
     llama_2, llava_llama_2, mistral_instruct          preprocess_llama_2    (separator style LLAMA_2)
     chatml_direct, mistral_direct, mpt                preprocess_mpt        (version "mpt")
 
-llava_v0 and v0_mmtag go to the original's generic fallback ("### " signals, a mask with known off-by-BOS
-errors, a different pad token): no released model was trained with it, and `build_example` refuses them.
+    llava_v0, v0_mmtag                                the generic fallback  ("### Human: ...\n" signals)
 
 Every label is `IGNORE_INDEX` except the assistant answers (with their closing separator), as the original
 masks them, including its quirks: a rendered prompt whose rounds do not re-tokenize to its own length
@@ -42,6 +41,7 @@ PREPROCESS = {
     "vicuna_v1": "v1", "v1": "v1", "llava_v1": "v1", "v1_mmtag": "v1",
     "llama_2": "llama_2", "llava_llama_2": "llama_2", "mistral_instruct": "llama_2",
     "chatml_direct": "mpt", "mistral_direct": "mpt", "mpt": "mpt",
+    "llava_v0": "signals", "v0_mmtag": "signals",
 }
 ROLES = {"human": 0, "gpt": 1}
 
@@ -65,9 +65,7 @@ def preprocess_style(template: str) -> str:
     if template not in TEMPLATES:
         raise LabelError(f"unknown template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
     if template not in PREPROCESS:
-        raise LabelError(f"template {template!r} has no training recipe here: the original trains it through its "
-                         "generic fallback, which no released model used; use one of "
-                         f"{', '.join(sorted(PREPROCESS))}")
+        raise LabelError(f"template {template!r} has no training recipe (known: {', '.join(sorted(PREPROCESS))})")
     return PREPROCESS[template]
 
 
@@ -189,6 +187,30 @@ def _templated(conversations, tokenizer, template_name, style, has_image, max_le
     return ids, labels
 
 
+def _signals(conversations, tokenizer, template_name, has_image, max_length):
+    """The original `preprocess`'s fallback (`_add_speaker_and_signal`, `_mask_targets`): the system text,
+    then "### ROLE: message\n" per turn and a final "### "; each human turn masked from its third token on
+    (every count includes the tokenizer's BOS, as the original's does)."""
+    template = TEMPLATES[template_name]
+    header = template.system + "\n\n"
+    texts = ["### " + template.roles[ROLES[t["from"]]] + ": " + t["value"] + "\n" for t in conversations]
+    tokens = _Tokens(tokenizer, has_image, max_length)
+    ids = np.asarray(tokens.ids(header + "".join(texts) + "### ", truncate=True), np.int64)
+    labels = ids.copy()
+    if has_image:
+        lengths = [tokens.count(text) for text in [header, *texts]]
+    else:  # _tokenize_fn: truncated, and counted without pad tokens
+        pad = _pad_id(tokenizer)
+        lengths = [sum(t != pad for t in tokens.ids(text, truncate=True)) for text in [header, *texts]]
+    cur = lengths[0]
+    labels[:cur] = IGNORE_INDEX
+    for length, turn in zip(lengths[1:], conversations, strict=True):
+        if turn["from"] == "human":
+            labels[cur + 2:cur + length] = IGNORE_INDEX
+        cur += length
+    return ids, labels
+
+
 def build_example(conversations, tokenizer, template: str, has_image: bool,
                   max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, labels), int32 rows of equal length, as the original training code makes them for one
@@ -210,6 +232,8 @@ def build_example(conversations, tokenizer, template: str, has_image: bool,
         conversations = move_image_to_front(conversations, template)
     if style == "plain":
         ids, labels = _plain(conversations, tokenizer, max_length)
+    elif style == "signals":
+        ids, labels = _signals(conversations, tokenizer, template, has_image, max_length)
     else:
         ids, labels = _templated(conversations, tokenizer, template, style, has_image, max_length)
     # DataCollatorForSupervisedDataset: input_ids[:, :model_max_length], labels likewise

@@ -92,6 +92,19 @@ def mistral_nonlegacy(tmp_path_factory):
     return tok
 
 
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory, mistral):
+    """A tokenizer.json (tokenizers-backed) tokenizer, the kind llava-hf checkpoints load through AutoTokenizer:
+    transformers 5's LlamaTokenizer built from the Mistral model (legacy=False, its own whitespace rules)."""
+    from transformers import LlamaTokenizer
+
+    d = tmp_path_factory.mktemp("fast")
+    LlamaTokenizer.from_pretrained(mistral.name_or_path).save_pretrained(str(d))
+    tok = load_tokenizer(d)
+    assert (d / "tokenizer.json").is_file() and type(tok) is not type(mistral)
+    return tok
+
+
 def _check(original, rows, tokenizer, template, has_image, max_length=4096, expect_trained=True):
     for row in rows:
         want_ids, want_labels = original_example(original, row, tokenizer, template, has_image, max_length)
@@ -136,10 +149,13 @@ def test_pretrain_plain_labels_match_the_original(original, mistral):
     assert mistral.decode(ids[2:]).strip() == "a green triangle"
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "llava_llama_2", "llava_v0"])
-def test_labels_match_the_original_nonlegacy_tokenizer(original, mistral_nonlegacy, template):
-    _check(original, IMAGE_ROWS, mistral_nonlegacy, template, has_image=True)
-    _check(original, TEXT_ROWS, mistral_nonlegacy, template, has_image=False)
+@pytest.mark.parametrize("template", ["llava_v1", "llava_llama_2", "llava_v0", "plain"])
+@pytest.mark.parametrize("kind", ["nonlegacy", "fast"])
+def test_labels_match_the_original_other_tokenizers(request, original, kind, template):
+    tokenizer = request.getfixturevalue("mistral_nonlegacy" if kind == "nonlegacy" else kind)
+    _check(original, CAPTIONS if template == "plain" else IMAGE_ROWS, tokenizer, template, has_image=True)
+    if template != "plain":
+        _check(original, TEXT_ROWS, tokenizer, template, has_image=False)
 
 
 @pytest.mark.parametrize("template", ["llava_v1", "mistral_instruct", "chatml_direct", "llava_v0", "plain"])

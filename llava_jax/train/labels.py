@@ -8,7 +8,6 @@ setting of every released model), then `preprocess` picks by template:
     vicuna_v1, v1, llava_v1, v1_mmtag                 preprocess_v1         (version starts with "v1")
     llama_2, llava_llama_2, mistral_instruct          preprocess_llama_2    (separator style LLAMA_2)
     chatml_direct, mistral_direct, mpt                preprocess_mpt        (version "mpt")
-
     llava_v0, v0_mmtag                                the generic fallback  ("### Human: ...\n" signals)
 
 Every label is `IGNORE_INDEX` except the assistant answers (with their closing separator), as the original

@@ -199,8 +199,10 @@ def check_exportable(config: LlavaConfig) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` as one safetensors file, one tensor at a time (each made contiguous as it is written)."""
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+                      on_tensor=None) -> None:
+    """Write `tensors` as one safetensors file, one tensor at a time (each made contiguous as it is written);
+    `on_tensor(nbytes)` is called after each."""
     from .dtypes import safetensors_code
 
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -217,6 +219,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         f.write(raw)
         for array in tensors.values():
             f.write(np.ascontiguousarray(array).tobytes())
+            if on_tensor is not None:
+                on_tensor(array.nbytes)
 
 
 def export_foreign_entries(path: str) -> list[str]:
@@ -256,18 +260,15 @@ def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: boo
     tensors["vision_tower.post_layernorm.bias"] = np.zeros(vh, np.float32)
     tensors = {name: tensors[name].astype(target, copy=False) for name in sorted(tensors)}
     clean_stale(out_dir, export_foreign_entries)
-    with atomic_directory(out_dir, force, export_foreign_entries) as tmp:
-        bar = tqdm(total=3, desc="export", unit="step", disable=not progress)
-        write_safetensors(os.path.join(tmp, SAFETENSORS_FILE), tensors)
-        bar.update()
+    total = sum(t.nbytes for t in tensors.values())
+    with atomic_directory(out_dir, force, export_foreign_entries) as tmp, \
+            tqdm(total=total, desc="export", unit="B", unit_scale=True, disable=not progress or None) as bar:
+        write_safetensors(os.path.join(tmp, SAFETENSORS_FILE), tensors, on_tensor=bar.update)
         with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
             json.dump(hf_config_dict(model.config, target.name), f, indent=2)
             f.write("\n")
-        bar.update()
         if model.path is not None:
             copy_support_files(model.path, tmp, only=COPIED_FILES)
-        bar.update()
-        bar.close()
     return os.path.abspath(out_dir)
 
 

@@ -131,7 +131,7 @@ def test_failed_export_leaves_nothing_and_existing_output_needs_force(tmp_path, 
     model = llava_jax.load(save(build_llava("llava", "mha", seed=9), tmp_path / "ckpt"))
     out = tmp_path / "exported"
 
-    def broken(path, tensors, metadata=None):
+    def broken(path, tensors, metadata=None, on_tensor=None):
         with open(path, "wb") as f:
             f.write(b"half")
         raise OSError("No space left on device")

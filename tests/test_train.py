@@ -3,7 +3,6 @@ real Mistral tokenizer): the collated batch computes HF's loss, one step program
 run repeats the uninterrupted one bit for bit, Ctrl-C saves, each stage trains only its parts, too-long rows
 are refused / skipped / truncated, and the CLI writes a model `llava_jax.load` generates with."""
 
-import copy
 import json
 
 import jax
@@ -13,9 +12,7 @@ from PIL import Image
 
 import llava_jax
 from llava_jax import cli
-from llava_jax.default_model import CONFIG
-from llava_jax.prompt import mistral_tokenizer_dir
-from llava_jax.random_checkpoint import write_random_checkpoint
+from llava_jax.default_model import write_small_model
 from llava_jax.train.collate import Collator, tokenize_examples
 from llava_jax.train.data import DataError, load_dataset
 from llava_jax.train.labels import IGNORE_INDEX
@@ -27,14 +24,7 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     """A LLaVA-NeXT checkpoint small enough to train in a test (16 features per crop, 56-pixel crops)."""
-    path = tmp_path_factory.mktemp("small") / "model"
-    cfg = copy.deepcopy(CONFIG)
-    cfg["vision_config"].update(image_size=56, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    cfg["image_grid_pinpoints"] = [[56, 112], [112, 56], [112, 112]]
-    cfg["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    mistral_tokenizer_dir(path)
-    write_random_checkpoint(path, cfg, "float32", 3)
-    return str(path)
+    return str(write_small_model(tmp_path_factory.mktemp("small") / "model"))
 
 
 def write_data(folder, rows: int, long_answers=(), two_sizes=True) -> tuple[str, str]:

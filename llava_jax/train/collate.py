@@ -38,6 +38,11 @@ class TokenizedExample:
     image_tokens: int  # the image's feature count (0 without image)
 
     @property
+    def targets(self) -> int:
+        """Supervised tokens (labels that are not IGNORE_INDEX)."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
     def length(self) -> int:
         """Tokens after the image placeholder is expanded."""
         return len(self.input_ids) - (1 if self.image_tokens else 0) + self.image_tokens
@@ -97,12 +102,21 @@ def _small_bucket(n: int) -> int:
 
 
 class Collator:
-    """`TokenizedExample`s -> a `LossBatch` of `batch_size` rows (missing rows are dummy rows with no target)."""
+    """`TokenizedExample`s -> a `LossBatch` of `batch_size` rows (missing rows are dummy rows with no target).
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    target_bucket: the number of target slots of every batch (default: a bucket of each batch's own count);
+    `for_examples` sets it from the data set's longest answer, so that it never adds a program shape."""
+
+    def __init__(self, model, batch_size: int, max_length: int, target_bucket: int | None = None):
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
+        self.target_bucket = target_bucket
+
+    @classmethod
+    def for_examples(cls, model, items: list[TokenizedExample], batch_size: int, max_length: int) -> Collator:
+        most = max(it.targets for it in items)
+        return cls(model, batch_size, max_length, prompt_bucket(batch_size * most, minimum=8))
 
     def __call__(self, items: list[TokenizedExample]) -> LossBatch:
         cfg = self.model.config
@@ -132,7 +146,7 @@ class Collator:
         for b, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):  # right padding, as the original trainer
             ids[b, : len(r)], mask[b, : len(r)], labels[b, : len(r)] = r, True, lab
         batch = make_batch(ids, mask, images, cfg.image_token_id, rows_multiple=self.batch_size)
-        lb = loss_batch(batch, labels, cfg.tokens_per_crop)
+        lb = loss_batch(batch, labels, cfg.tokens_per_crop, self.target_bucket)
         return _pad_images(lb, len(batch.input_ids) * seq)
 
 

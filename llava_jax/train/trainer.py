@@ -210,7 +210,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    collate = Collator(model, cfg.batch_size, cfg.max_length)
+    collate = Collator.for_examples(model, items, cfg.batch_size, cfg.max_length)
     result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped)
 
     def record_now() -> dict:

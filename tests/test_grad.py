@@ -8,7 +8,8 @@ trainer's optimizer (clipping + AdamW) equals torch's `clip_grad_norm_` + `torch
 gradients.
 
 Bounds: the loss within 1e-5 relative; each gradient within 1e-4 of its largest magnitude. Both sides are fp32
-and differ in summation order only (measured: loss <= 1e-7 relative, gradients <= 3e-6); a wrong mask, a missing
+and differ in summation order only (measured: loss 8e-8 relative; projector gradients 4e-7 to 1.4e-6, the earlier
+network-only version of this test 4e-7 to 2.2e-6 over all tensors); a wrong mask, a missing
 shift or a wrong normalization of the loss moves gradients by more than 1e-2.
 """
 

@@ -60,11 +60,14 @@ def register(sub, add_model_args) -> None:
 
 
 def cmd_train(args) -> int:
+    import logging
     import sys
 
     from ..cli import RANDOM_WEIGHTS_NOTICE
     from .trainer import TrainConfig, train
 
+    # Orbax logs through absl (a warning per param-tree write); the command reports itself
+    logging.getLogger("absl").setLevel(logging.ERROR)
     if args.model is None:
         print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
     config = TrainConfig(stage=args.stage, data=args.data, image_folder=args.image_folder, output=args.output,

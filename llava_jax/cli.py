@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
     add_bench_parser(sub, _add_model_args)
+    from .train import data_cli, train_cli
+
+    data_cli.register(sub, _add_model_args)
+    train_cli.register(sub, _add_model_args)
     return parser
 
 

@@ -65,3 +65,24 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def small_config() -> dict:
+    """The default model's config with 56-pixel crops (16 features a crop instead of 576) and thinner, shallower
+    towers: a LLaVA-NeXT that trains in seconds on a CPU (tests, the fine-tuning notebook)."""
+    import copy
+
+    config = copy.deepcopy(CONFIG)
+    config["_name_or_path"] = "llava-jax/small-random-llava-v1.6-mistral"
+    config["vision_config"].update(image_size=56, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    config["image_grid_pinpoints"] = [[56, 112], [112, 56], [112, 112]]
+    config["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    return config
+
+
+def write_small_model(path: str | os.PathLike, seed: int = 3) -> Path:
+    """Write the `small_config` model (random weights, the real Mistral tokenizer) to `path`."""
+    path = Path(path)
+    mistral_tokenizer_dir(path)
+    write_random_checkpoint(path, small_config(), "float32", seed)
+    return path

@@ -164,6 +164,30 @@ class LlavaModel:
         batch = make_batch(ids, mask, images, self.config.image_token_id, self.batch_multiple, positions)
         return self.engine.forward_logits(self.params, batch)
 
+    # ---- training ----
+    @functools.cached_property
+    def _loss_programs(self):
+        from .train.loss import loss_fn
+
+        fn = functools.partial(loss_fn, self.network)
+        return jax.jit(fn), jax.jit(jax.value_and_grad(fn))
+
+    def loss(self, input_ids, labels, pixel_values=None, image_sizes=None, attention_mask=None) -> float:
+        """The mean next-token cross-entropy over the tokens whose label is not -100, as HF's model computes
+        it from `labels` (same inputs as `forward`, labels (batch, seq) aligned with input_ids)."""
+        from .train.loss import hf_inputs_batch
+
+        batch = hf_inputs_batch(self, input_ids, labels, pixel_values, image_sizes, attention_mask)
+        return float(self._loss_programs[0](self.params, batch))
+
+    def loss_and_grad(self, input_ids, labels, pixel_values=None, image_sizes=None, attention_mask=None):
+        """(loss, grads): `loss` and its gradient with respect to every param, a tree shaped like `params`."""
+        from .train.loss import hf_inputs_batch
+
+        batch = hf_inputs_batch(self, input_ids, labels, pixel_values, image_sizes, attention_mask)
+        loss, grads = self._loss_programs[1](self.params, batch)
+        return float(loss), grads
+
 
 def load(path: str, dtype="float32", mesh="auto", fsdp: bool = False, kernels: str | None = None,
          verify: bool | None = None) -> LlavaModel:

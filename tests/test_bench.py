@@ -166,3 +166,20 @@ def test_torch_side_imports_neither_jax_nor_the_model():
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_train_step_bench(checkpoint):
+    """`bench --train-step --compare-torch`: both sides run a fine-tuning step on the same batch; every figure
+    is there and sane, and the two first-step losses agree (same model, same batch, fp32: within 1e-4 relative)."""
+    r = json.loads(cli("bench", "--model", str(checkpoint), "--train-step", "--compare-torch", "--image-size",
+                       "200x150", "--batch", "1", "--repeats", "1").stdout)
+    assert r["mode"] == "train_step" and r["dtype"] == "float32"
+    for side in ("jax", "torch"):
+        s = r[side]
+        assert s["batch"] == 1 and s["seq_len"] > s["targets"] > 0, side
+        for key in ("step_s", "cold_step_s", "tokens_per_s", "peak_rss_gb"):
+            assert positive(s[key]), (side, key)
+    assert r["jax"]["seq_len"] == r["torch"]["seq_len"] and r["jax"]["targets"] == r["torch"]["targets"]
+    assert positive(r["ratios"]["tokens_per_s"]) and positive(r["ratios"]["peak_rss"])
+    first = r["jax"]["first_loss"], r["torch"]["first_loss"]
+    assert abs(first[0] - first[1]) < 1e-4 * first[1], first

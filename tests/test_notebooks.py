@@ -11,7 +11,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_exist_and_have_no_outputs():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "anyres", "parity", "sharding"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "anyres", "parity", "sharding", "finetune"}
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs"

@@ -19,7 +19,8 @@ RESULT_MARK = "LLAVA_JAX_BENCH_RESULT "
 # side name -> (module of llava_jax.bench, function): each takes the options dict and returns a JSON-able dict
 SIDES = {"jax": ("jax_side", "run"), "torch": ("torch_side", "run"),
          "jax_load": ("jax_side", "load_only"), "torch_load": ("torch_side", "load_only"),
-         "jax_logits": ("jax_side", "logits"), "torch_logits": ("torch_side", "logits")}
+         "jax_logits": ("jax_side", "logits"), "torch_logits": ("torch_side", "logits"),
+         "jax_train": ("train_step", "jax_run"), "torch_train": ("train_step", "torch_run")}
 
 
 def run_child(side: str, opts: dict, env: dict | None = None) -> dict:

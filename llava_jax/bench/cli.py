@@ -33,6 +33,8 @@ def run_bench(args) -> dict:
     opts = {"model": model_dir, "dtype": args.dtype, "image_size": [width, height], "image": args.image,
             "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "text": text,
             "compile_cache": args.compile_cache, "mesh": args.mesh, "fsdp": args.fsdp, "kernels": args.kernels}
+    if args.train_step:
+        return run_train_step_bench(opts, model_dir, args)
     weights = text_weight_bytes(config, args.dtype)
     log("measuring memory read bandwidth")
     bw = measure_bandwidth()
@@ -96,12 +98,26 @@ def run_load_bench(args) -> dict:
     return result
 
 
+def run_train_step_bench(opts: dict, model_dir: str, args) -> dict:
+    """`--train-step`: one fine-tuning step per side (`train_step.py`), fp32."""
+    result = {"model": model_dir, "mode": "train_step", "dtype": "float32", "image_size": opts["image_size"],
+              "batch": args.batch, "repeats": args.repeats, "machine": {"cpus": os.cpu_count()}}
+    log("llava-jax train step")
+    result["jax"] = run_child("jax_train", opts)
+    if args.compare_torch:
+        log("transformers (PyTorch) train step")
+        result["torch"] = run_child("torch_train", opts)
+        result["ratios"] = {"tokens_per_s": result["jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"],
+                            "peak_rss": result["jax"]["peak_rss_gb"] / result["torch"]["peak_rss_gb"]}
+    return result
+
+
 def cmd_bench(args) -> int:
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint, args.shape, args.checkpoint_dtype, seed=args.seed, log=log)
         return 0
     result = run_load_bench(args) if args.load_only else run_bench(args)
-    if args.json:
+    if args.json or args.train_step:
         print(json.dumps(result, indent=2))
     else:
         print_report(result)
@@ -131,6 +147,8 @@ def add_bench_parser(subparsers, add_model_args) -> argparse.ArgumentParser:
                    help="let the llava-jax side use the persistent compilation cache (default: off, so that "
                    "the cold run compiles)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--train-step", action="store_true", help="time a fine-tuning step (loss, backward, AdamW; "
+                   "fp32, vision tower frozen) instead of generation; prints JSON: tokens/s and peak RSS per side")
     p.add_argument("--make-checkpoint", metavar="DIR", help="write a random-weight benchmark checkpoint and exit")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllava", help="with --make-checkpoint")
     p.add_argument("--checkpoint-dtype", choices=["bfloat16", "float16", "float32"], default="float16",

@@ -1,0 +1,91 @@
+"""`llava-jax train` and `llava-jax export`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive(parse):
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if parse is int else 'a number'}") from e
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def register(sub, add_model_args) -> None:
+    """Add the training subcommands to the `llava-jax` parser."""
+    from ..export import register_export
+
+    t = sub.add_parser("train", help="fine-tune a model on LLaVA-format data (stage pretrain or finetune)",
+                       description="Train the projector (--stage pretrain, template plain) or the projector and "
+                       "the language model (--stage finetune) with AdamW, linear warmup then cosine decay, "
+                       "gradient clipping at norm 1.0. OUT receives the trained model (llava_jax.load(OUT)), "
+                       "metrics.jsonl and train-state checkpoints (--resume continues from the newest).")
+    t.add_argument("--model", help="checkpoint directory to start from; default: the embedded tiny random-weight "
+                   "model")
+    t.add_argument("--data", required=True, help="LLaVA-format JSON: a list of {id, image, conversations}")
+    t.add_argument("--image-folder", required=True, help="directory the JSON's image paths are relative to")
+    t.add_argument("--output", required=True, help="output directory (model, metrics.jsonl, checkpoints/)")
+    t.add_argument("--stage", required=True, choices=["pretrain", "finetune"])
+    t.add_argument("--template", help="conversation template (default: plain for pretrain, the model's for "
+                   "finetune)")
+    t.add_argument("--lr", type=_positive(float), help="peak learning rate (default 1e-3 pretrain, 2e-5 finetune)")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up (0.03)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0, as the original)")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
+    length.add_argument("--steps", type=_positive(int), help="optimizer steps (instead of --epochs)")
+    t.add_argument("--batch-size", type=_positive(int), default=4, help="examples per micro-batch (4)")
+    t.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step (1)")
+    t.add_argument("--max-length", type=_positive(int), default=2048,
+                   help="longest row after image expansion (2048); longer rows are refused, see --truncate")
+    t.add_argument("--truncate", action="store_true", help="cut rows longer than --max-length after image "
+                   "expansion, as the original model does, instead of refusing them")
+    t.add_argument("--seed", type=int, default=0, help="data order seed (0)")
+    t.add_argument("--save-every", type=_positive(int), help="save the train state every N optimizer steps")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    t.add_argument("--skip-bad", action="store_true", help="skip unusable rows (reported) instead of failing")
+    t.add_argument("--train-vision-tower", action="store_true", help="also train the vision tower")
+    t.add_argument("--vision-lr", type=_positive(float), help="the vision tower's lr (default: --lr)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+    register_export(sub)
+
+
+def cmd_train(args) -> int:
+    import logging
+    import sys
+
+    from ..cli import RANDOM_WEIGHTS_NOTICE
+    from .trainer import TrainConfig, train
+
+    # Orbax logs through absl (a warning per param-tree write); the command reports itself
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if args.model is None:
+        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    config = TrainConfig(stage=args.stage, data=args.data, image_folder=args.image_folder, output=args.output,
+                         model=args.model, template=args.template, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                         weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+                         seed=args.seed, save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
+                         truncate=args.truncate, train_vision_tower=args.train_vision_tower,
+                         vision_lr=args.vision_lr, progress=not args.quiet)
+    try:
+        result = train(config)
+    except KeyboardInterrupt:
+        print(f"llava-jax: interrupted; train state saved in {args.output}/checkpoints (--resume continues)",
+              file=sys.stderr)
+        return 130
+    for message in result.skipped:
+        print(f"llava-jax: skipped {message}", file=sys.stderr)
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.compiled_programs} step programs "
+          f"compiled){last}; model in {result.output}")
+    return 0

@@ -8,8 +8,10 @@ compiled once for the server's (slots, cache length):
     empty   a state with every slot free (done)
     insert  a request's prefilled `DecodeState` (batch 1, from `GenerationEngine.start`, the same cache length)
             written into one slot; the slot index is traced, so one program serves every slot
-    step    one decode step of every slot: the KV cache written at each row's own index (`write_cache` with one
-            index per row), each row sampled with its own settings and key
+    step    `steps_per_call` decode steps of every slot (a scan): the KV cache written at each row's own index
+            (`write_cache` with one index per row), each row sampled with its own settings and key; several
+            steps a call spread the host's per-call work (dispatch, reading tokens back, detokenizing) over
+            several tokens, at the price of a new request waiting up to that many steps for a slot
 
 Free and finished slots are computed too (the shapes are static) but change nothing that matters: their
 tokens are ignored and an insert overwrites the whole row. A row's tokens equal what the same request gives
@@ -49,8 +51,9 @@ class SlotState:
 class SlotEngine:
     """The continuous-batching programs (`empty`, `insert`, `step`) over a `GenerationEngine`'s network."""
 
-    def __init__(self, engine: GenerationEngine, slots: int, cache_len: int, dtype):
+    def __init__(self, engine: GenerationEngine, slots: int, cache_len: int, dtype, steps_per_call: int = 1):
         self.engine, self.slots, self.cache_len, self.dtype = engine, slots, cache_len, dtype
+        self.steps_per_call = steps_per_call
         placed = {} if engine.rules is None else {"out_shardings": self._shardings(engine.rules)}
         self.empty = jax.jit(self._empty, **placed)
         self.insert = jax.jit(self._insert, donate_argnums=(0,), **placed)
@@ -96,16 +99,22 @@ class SlotEngine:
             sampler=jax.tree_util.tree_map(put, state.sampler, sampler), key=put(state.key, first.key))
 
     def _step(self, params, state: SlotState, pad_id):
-        """One token for every slot; returns (state, the new tokens (slots,), done (slots,))."""
-        s = state
-        rows = jnp.arange(self.slots)
-        kv_mask = s.kv_mask.at[rows, s.write_index].set(True)
-        logits, cache = self.engine.next_logits(params, s.last_token, s.position, kv_mask, s.cache, s.write_index)
-        token = s.sampler(logits, jax.vmap(jax.random.fold_in)(s.key, s.step))
-        token = jnp.where(s.done, pad_id, token)
-        live = (~s.done).astype(jnp.int32)
-        done = s.done | jnp.any(token[:, None] == s.stop_ids, axis=1) | (s.step + 1 >= s.max_new)
-        state = s.replace(cache=cache, kv_mask=kv_mask, last_token=token, done=done, step=s.step + live,
+        """`steps_per_call` tokens for every slot; returns (state, the new tokens (slots, steps_per_call), done
+        (slots,)). A row that stops within the call gets `pad_id` after its stop."""
+
+        def one(s: SlotState, _):
+            rows = jnp.arange(self.slots)
+            kv_mask = s.kv_mask.at[rows, s.write_index].set(True)
+            logits, cache = self.engine.next_logits(params, s.last_token, s.position, kv_mask, s.cache,
+                                                    s.write_index)
+            token = s.sampler(logits, jax.vmap(jax.random.fold_in)(s.key, s.step))
+            token = jnp.where(s.done, pad_id, token)
+            live = (~s.done).astype(jnp.int32)
+            done = s.done | jnp.any(token[:, None] == s.stop_ids, axis=1) | (s.step + 1 >= s.max_new)
+            s = s.replace(cache=cache, kv_mask=kv_mask, last_token=token, done=done, step=s.step + live,
                           position=s.position + live,
                           write_index=jnp.minimum(s.write_index + live, self.cache_len - 1))
-        return state, token, done
+            return s, token
+
+        state, tokens = jax.lax.scan(one, state, None, length=self.steps_per_call)
+        return state, tokens.T, state.done

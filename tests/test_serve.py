@@ -176,7 +176,7 @@ def test_concurrent_requests_equal_each_alone(server, alone):
 
 def test_load_every_request_answered_once_then_malformed_burst(server, alone):
     bodies, texts = alone
-    repeats = 3
+    repeats = 2
     start = time.perf_counter()
     responses = asyncio.run(post_all(server.url, bodies * repeats, concurrency=12))
     took = time.perf_counter() - start
@@ -184,7 +184,7 @@ def test_load_every_request_answered_once_then_malformed_burst(server, alone):
     payloads = [r.json() for r in responses]
     assert len({p["id"] for p in payloads}) == len(payloads)
     assert [p["choices"][0]["message"]["content"] for p in payloads] == texts * repeats
-    assert took < 100  # bounded in time: 48 requests of at most 24 tokens on 8 slots
+    assert took < 100  # bounded in time: 32 requests of at most 24 tokens on 8 slots
 
     bad = bad_requests(server)
     got = asyncio.run(_send_raw(server.url, bad))
@@ -257,7 +257,7 @@ def test_full_queue_is_429_never_a_hang(server):
     scheduler = server.chat.scheduler
     scheduler.max_queue = 1
     try:
-        body = {"model": MODEL_ID, "messages": user("Count to ten."), "max_tokens": 60, "temperature": 0}
+        body = {"model": MODEL_ID, "messages": user("Count to ten."), "max_tokens": 30, "temperature": 0}
         responses = asyncio.run(post_all(server.url, [body] * 16, concurrency=16))
     finally:
         scheduler.max_queue = 64

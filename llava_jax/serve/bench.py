@@ -89,15 +89,16 @@ def _sequential(model, prompts: list[str], image, max_tokens: int) -> dict:
 
 
 def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, max_tokens: int, max_batch: int,
-                    max_queue: int, context: int | None, buckets: list[int] | None, template: str | None,
-                    image: bool, log) -> dict:
+                    max_queue: int, context: int | None, buckets: list[int] | None, steps_per_call: int,
+                    template: str | None, image: bool, log) -> dict:
     """Measure every concurrency level, then the sequential baseline; the results as a dict."""
     picture = _example_image() if image else None
     prompts = bench_prompts(requests)
     url = None if picture is None else data_url(picture)
     bodies = [chat_body(model_id, p, url, max_tokens) for p in prompts]
     server = create_server(model, model_id=model_id, max_batch=max_batch, max_queue=max(max_queue, requests),
-                           context=context, buckets=buckets, template=template, log=log)
+                           context=context, buckets=buckets, steps_per_call=steps_per_call, template=template,
+                           log=log)
     levels = []
     with BackgroundServer(server) as running:
         for c in clients:
@@ -108,7 +109,8 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
     sequential = _sequential(model, prompts, picture, max_tokens)
     for level in levels:
         level["speedup_vs_sequential"] = level["tokens_per_s"] / sequential["tokens_per_s"]
-    return {"model": model_id, "dtype": str(np.dtype(model.dtype)), "max_batch": max_batch, "max_tokens": max_tokens,
+    return {"model": model_id, "dtype": str(np.dtype(model.dtype)), "max_batch": max_batch,
+            "steps_per_call": steps_per_call, "max_tokens": max_tokens,
             "image": image, "levels": levels, "sequential_generate": sequential,
             "server_compilations_under_load": under_load}
 

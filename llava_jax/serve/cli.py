@@ -45,6 +45,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-buckets", type=_buckets,
                    help="padded prompt lengths, comma-separated, each below --context (default: powers of two from "
                    "64 to half the context, then 5/8, 6/8, 7/8 of it); one prefill program each")
+    p.add_argument("--steps-per-call", type=_positive(int), default=4,
+                   help="decode steps per device call: more spread the host's per-call work over more tokens, fewer "
+                   "let a new request start sooner (default 4)")
     p.add_argument("--template", help="conversation template (default: from the checkpoint)")
 
 
@@ -111,8 +114,8 @@ def cmd_serve(args) -> int:
                           default_max_tokens=args.max_tokens_default, request_timeout_s=args.request_timeout,
                           images=policy)
     server = create_server(model, model_id=model_id, max_batch=args.max_batch, max_queue=args.max_queue,
-                           context=args.context, buckets=args.prompt_buckets, template=args.template, limits=limits,
-                           log=_log)
+                           context=args.context, buckets=args.prompt_buckets, steps_per_call=args.steps_per_call,
+                           template=args.template, limits=limits, log=_log)
     _log(f"serving {model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     try:
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
@@ -130,6 +133,7 @@ def cmd_bench_serve(args) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     result = run_bench_serve(model, model_id, clients=clients, requests=args.requests, max_tokens=args.max_tokens,
                              max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-                             buckets=args.prompt_buckets, template=args.template, image=args.image, log=_log)
+                             buckets=args.prompt_buckets, steps_per_call=args.steps_per_call, template=args.template,
+                             image=args.image, log=_log)
     print(json.dumps(result, indent=2) if args.json else print_table(result))
     return 0

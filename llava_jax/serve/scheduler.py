@@ -2,8 +2,8 @@
 
 Each turn of the loop: admit waiting requests into free slots (each prefilled alone by its prompt bucket's
 program, its images through the per-pinpoint vision programs, then inserted into its slot), dispatch one decode
-step of every slot, and, while the device computes it, hand the previous step's tokens to their requests
-(detokenized with stop strings by `TextStreamer`). A request that finishes (stop token, stop string, token
+call of every slot (`steps_per_call` tokens), and, while the device computes it, hand the previous call's tokens
+to their requests, one group per request (detokenized with stop strings by `TextStreamer`). A request that finishes (stop token, stop string, token
 budget) or is cancelled (its client went away, or it timed out) frees its slot at once.
 
 Every program the loop runs is compiled by `warm_up`: one prefill (and embed) per prompt bucket, one vision
@@ -95,10 +95,10 @@ class Scheduler:
     at most (more: `QueueFullError`)."""
 
     def __init__(self, model, *, max_batch: int = 16, max_queue: int = 64, cache_len: int = 4096,
-                 buckets: list[int] | None = None):
+                 buckets: list[int] | None = None, steps_per_call: int = 4):
         self.model, self.engine = model, model.engine
         self.cache_len, self.max_queue = cache_len, max_queue
-        self.slot_engine = SlotEngine(self.engine, max_batch, cache_len, model.dtype)
+        self.slot_engine = SlotEngine(self.engine, max_batch, cache_len, model.dtype, steps_per_call)
         self.buckets = sorted(set(buckets)) if buckets else prompt_buckets(cache_len)
         if not self.buckets or self.buckets[0] < 1 or self.buckets[-1] >= cache_len:
             raise InputError(f"prompt buckets must be between 1 and the context ({cache_len}) - 1, got {self.buckets}")
@@ -256,7 +256,7 @@ class Scheduler:
         job.streamer = TextStreamer(self.model.tokenizer, 1, job.stop_strings, self.stop_ids,
                                     lambda _row, text: job.on_event({"delta": text}))
         self.slots[slot] = job
-        self._feed(slot, job, int(np.asarray(first.tokens)[0, 0]))
+        self._feed(slot, job, [int(np.asarray(first.tokens)[0, 0])])
 
     def _deliver(self, tokens, done, jobs: list[Job | None]) -> None:
         tokens = np.asarray(tokens)
@@ -267,13 +267,18 @@ class Scheduler:
                 job.finished = True
                 self._free(slot, job)
                 continue
-            self._feed(slot, job, int(tokens[slot]))
+            self._feed(slot, job, tokens[slot].tolist())
 
-    def _feed(self, slot: int, job: Job, token: int) -> None:
-        """One new token of `job`: text out, and the end of the request if it is one."""
-        job.tokens.append(token)
-        hit_stop_string = bool(job.streamer(np.asarray([[token]]), 0, 1)[0])
-        if token in self.stop_ids or hit_stop_string:
+    def _feed(self, slot: int, job: Job, tokens: list[int]) -> None:
+        """New tokens of `job`: text out (one delta for the group), and the end of the request if it is one."""
+        new = []
+        for token in tokens[: job.max_new - len(job.tokens)]:
+            new.append(token)
+            if token in self.stop_ids:
+                break
+        job.tokens += new
+        hit_stop_string = bool(job.streamer(np.asarray([new]), 0, len(new))[0])
+        if (new and new[-1] in self.stop_ids) or hit_stop_string:
             self._finish(slot, job, "stop")
         elif len(job.tokens) >= job.max_new:
             self._finish(slot, job, "length")

@@ -214,6 +214,7 @@ def bad_requests(server) -> list[tuple[str, bytes | dict, int]]:
         ("messages not a list", {**ok, "messages": "hi"}, 400),
         ("no messages", {**ok, "messages": []}, 400),
         ("bad role", {**ok, "messages": [{"role": "robot", "content": "x"}]}, 400),
+        ("empty user message", {**ok, "messages": [{"role": "user", "content": ""}]}, 400),
         ("ends with assistant", {**ok, "messages": [*user("a"), {"role": "assistant", "content": "b"}]}, 400),
         ("max_tokens a string", {**ok, "max_tokens": "10"}, 400),
         ("max_tokens zero", {**ok, "max_tokens": 0}, 400),

@@ -125,6 +125,8 @@ def _turns(messages) -> tuple[list[str], str | None, list[str]]:
         if role not in ("user", "assistant"):
             raise RequestError(f"'messages[{i}].role' must be system, user or assistant, got {_short(role)}",
                                f"messages[{i}].role", "invalid_value")
+        if role == "user" and not text and not images:
+            raise RequestError(f"'messages[{i}]' is an empty user message", f"messages[{i}].content", "invalid_value")
         if role == "assistant" and images:
             raise RequestError("assistant messages cannot hold images", f"messages[{i}]", "invalid_value")
         text = with_image_markers(text, len(images)) if images else text

@@ -35,7 +35,7 @@ from ..errors import CheckpointError, InputError
 from ..textgen import tokenize_with_images
 from .images import ImagePolicy, load_image_url
 from .protocol import ChatRequest, RequestError, parse_chat_request
-from .scheduler import Job, QueueFullError, Scheduler, compilations
+from .scheduler import Job, QueueFullError, Scheduler, compilations, compiled_since
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class ChatServer:
         ok = s.error is None and s.thread is not None and s.thread.is_alive()
         body = {"status": "ok" if ok else "error", "model": self.model_id, "slots": len(s.slots),
                 "busy_slots": s.busy_slots, "waiting": s.waiting, "max_queue": s.max_queue,
-                "compilations_since_warm_up": compilations() - (s.compilations_after_warm_up or 0)}
+                "compilations_since_warm_up": compilations() - (s.compilations_after_warm_up or 0),
+                "compiled_since_warm_up": compiled_since(s.compilations_after_warm_up or 0)[:20]}
         return JSONResponse(body, 200 if ok else 503)
 
     async def models(self, _request: Request) -> JSONResponse:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .scheduler import compilations
+from .scheduler import compiled_since
 from .server import BackgroundServer, create_server
 
 SUBJECTS = ["the picture", "the colors", "the animal", "the background", "the light", "the mood", "the shapes",
@@ -104,7 +104,7 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
         for c in clients:
             log(f"{c} concurrent clients, {requests} requests")
             levels.append(asyncio.run(_run_level(running.url, bodies, c)))
-        under_load = compilations() - server.scheduler.compilations_after_warm_up
+        under_load = compiled_since(server.scheduler.compilations_after_warm_up)
     log("the same requests one after another with generate")
     sequential = _sequential(model, prompts, picture, max_tokens)
     for level in levels:
@@ -112,7 +112,7 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
     return {"model": model_id, "dtype": str(np.dtype(model.dtype)), "max_batch": max_batch,
             "steps_per_call": steps_per_call, "max_tokens": max_tokens,
             "image": image, "levels": levels, "sequential_generate": sequential,
-            "server_compilations_under_load": under_load}
+            "server_compiled_under_load": under_load}
 
 
 def print_table(result: dict) -> str:

@@ -34,12 +34,12 @@ class QueueFullError(Exception):
     """The request queue holds `max_queue` requests already."""
 
 
-_COMPILATIONS = [0]
+_COMPILED: list[str] = []  # the name of every program XLA compiled in this process, in order
 
 
-def _count_compilation(event: str, _secs: float, **_kwargs) -> None:
+def _count_compilation(event: str, _secs: float, **kwargs) -> None:
     if event == "/jax/core/compile/backend_compile_duration":
-        _COMPILATIONS[0] += 1
+        _COMPILED.append(str(kwargs.get("fun_name", "?")))
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compilation)
@@ -47,7 +47,12 @@ jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 def compilations() -> int:
     """XLA compilations in this process so far (persistent-cache hits included: they still load a program)."""
-    return _COMPILATIONS[0]
+    return len(_COMPILED)
+
+
+def compiled_since(count: int) -> list[str]:
+    """The names of the programs compiled after the first `count` compilations."""
+    return _COMPILED[count:]
 
 
 def prompt_buckets(cache_len: int, minimum: int = 64) -> list[int]:
@@ -175,6 +180,8 @@ class Scheduler:
                 crops = ImageCrops(image.crops, image.feature_index[:features], image.padded_length)
                 ids = [cfg.image_token_id] * features + [1] * (b - features)
                 jobs.append(Job(ids, [crops], 2, 0.7, 0.9, 0, [], _ignore))
+        # once more the first: every program then also runs on a state that `step` returned, not `empty`
+        jobs.append(Job([1] * self.buckets[0], [], 2, 0.0, None, 0, [], _ignore))
         for i, job in enumerate(jobs):
             if log is not None and i % 8 == 0:
                 log(f"warm-up {i + 1}/{len(jobs)}")

@@ -1,4 +1,4 @@
-"""The `llava-jax` command: `generate`, `chat` and `bench`.
+"""The `llava-jax` command: `generate`, `chat`, `bench`, `serve` and `bench-serve`.
 
 User errors (bad values, unreadable files or images, checkpoints that cannot be read) print one line,
 `llava-jax: error: ...`, and exit with status 2, never a traceback; in `chat` they end only the message that
@@ -203,6 +203,7 @@ def cmd_chat(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
+    from .serve.cli import add_serve_parser
 
     parser = OneLineParser(prog="llava-jax", description="LLaVA-1.5 / LLaVA-NeXT in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_cli.register(sub, _add_model_args)
     train_cli.register(sub, _add_model_args)
+    add_serve_parser(sub, _add_model_args)
     return parser
 
 

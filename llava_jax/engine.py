@@ -139,14 +139,9 @@ class GenerationEngine:
         """
         rows, total = batch.rows, len(batch.input_ids)
         rep = self.put_replicated
-        stops, key, max_new, sampler = rep((stop_id_array(stop_ids), jax.random.PRNGKey(seed),
-                                            np.int32(max_new_tokens), sampler))
-        embeds = self.embeddings(params, batch)
-        state = self.prefill(self.params_for(params, "scan"), embeds, self.put_input("positions", batch.positions),
-                             self.put_input("attention_mask", batch.attention_mask), sampler, key, stops, max_new,
-                             cache_len)
-        if total > rows:  # dummy rows (padding to the data axis) stop at once
-            state = self._stop_rows(state, np.arange(total) >= rows)
+        stops, max_new, sampler = rep((stop_id_array(stop_ids), np.int32(max_new_tokens), sampler))
+        state = self.start(params, batch, sampler, seed=seed, stop_ids=stops, max_new_tokens=max_new,
+                           cache_len=cache_len)
         chunk = chunk or max_new_tokens
         reported = 0
         cut = np.full(rows, -1)  # where the host stopped a row (stop strings)
@@ -172,6 +167,20 @@ class GenerationEngine:
             end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
             out.append(row[:end])
         return out
+
+    def start(self, params, batch: PromptBatch, sampler, *, seed: int, stop_ids, max_new_tokens,
+              cache_len: int) -> DecodeState:
+        """Embed the batch, insert its images and prefill: the decode state holding each row's first token.
+        sampler, stop_ids (`stop_id_array`) and max_new_tokens as placed by `put_replicated`; dummy rows
+        (padding to the data axis) are stopped at once."""
+        key = self.put_replicated(jax.random.PRNGKey(seed))
+        embeds = self.embeddings(params, batch)
+        state = self.prefill(self.params_for(params, "scan"), embeds, self.put_input("positions", batch.positions),
+                             self.put_input("attention_mask", batch.attention_mask), sampler, key, stop_ids,
+                             max_new_tokens, cache_len)
+        if len(batch.input_ids) > batch.rows:
+            state = self._stop_rows(state, np.arange(len(batch.input_ids)) >= batch.rows)
+        return state
 
     def _stop_rows(self, state: DecodeState, rows: np.ndarray) -> DecodeState:
         done = to_host(state.done) | rows
@@ -215,13 +224,10 @@ class GenerationEngine:
 
         def body(s: DecodeState):
             batch = s.tokens.shape[0]
-            last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
+            last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)[:, 0]
             kv_mask = jax.lax.dynamic_update_slice_in_dim(s.kv_mask, jnp.ones((batch, 1), bool), s.write_index,
                                                           axis=1)
-            embeds = self._apply(params, last, method=LlavaNetwork.embed)
-            hidden, cache = self._apply(params, embeds, s.position[:, None], kv_mask, s.cache, s.write_index,
-                                        method=LlavaNetwork.decode_step)
-            logits = self._apply(params, hidden, method=LlavaNetwork.logits)[:, 0]
+            logits, cache = self.next_logits(params, last, s.position, kv_mask, s.cache, s.write_index)
             token = sampler(logits, jax.random.fold_in(s.key, s.step))
             token = jnp.where(s.done, pad_id, token)
             done = s.done | jnp.isin(token, stop_ids) | (s.step + 1 >= max_new_tokens)
@@ -230,6 +236,16 @@ class GenerationEngine:
                              position=s.position + 1, write_index=s.write_index + 1)
 
         return jax.lax.while_loop(cond, body, state)
+
+
+    def next_logits(self, params, last_tokens, position, kv_mask, cache, write_index):
+        """One decode step inside a program: the last tokens (batch,) at `position` (batch,), their keys and
+        values written at cache slot `write_index` (a scalar, or (batch,): one per row), attending over
+        `kv_mask` (batch, cache_len); returns (fp32 logits (batch, vocab), cache)."""
+        embeds = self._apply(params, last_tokens[:, None], method=LlavaNetwork.embed)
+        hidden, cache = self._apply(params, embeds, position[:, None], kv_mask, cache, write_index,
+                                    method=LlavaNetwork.decode_step)
+        return self._apply(params, hidden, method=LlavaNetwork.logits)[:, 0], cache
 
 
 def stop_id_array(stop_ids) -> np.ndarray:

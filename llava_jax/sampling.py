@@ -1,7 +1,8 @@
 """The sampler: one frozen dataclass, `Sampling`, with one method, `__call__(logits, key) -> token ids`.
 
 It is a JAX pytree whose fields are traced, so changing a temperature or p reuses the compiled decode graph.
-logits: (batch, vocab) float32. top-k and top-p keep the tokens HF's `TopKLogitsWarper` / `TopPLogitsWarper`
+logits: (batch, vocab) float32. The fields are scalars (one setting for every row) or (batch,) arrays (one setting
+per row: the continuous-batching server's slots, `slots.py`). top-k and top-p keep the tokens HF's `TopKLogitsWarper` / `TopPLogitsWarper`
 keep (ties at the k-th value kept; the nucleus is the smallest set whose probability reaches p).
 """
 
@@ -18,8 +19,8 @@ NEG_INF = -jnp.inf
 
 def top_k_mask(logits, k):
     """True for tokens whose logit is >= the k-th largest (k traced; k <= 0 or k >= vocab keeps everything)."""
-    index = jnp.clip(k - 1, 0, logits.shape[-1] - 1)
-    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1)[:, ::-1], index[None, None], axis=-1)
+    index = jnp.reshape(jnp.clip(k - 1, 0, logits.shape[-1] - 1), (-1, 1))  # (1, 1) or one per row
+    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1)[:, ::-1], index, axis=-1)
     return (logits >= kth) | (k <= 0)
 
 
@@ -29,7 +30,7 @@ def top_p_mask(logits, p):
     sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     keep_sorted = mass_before < p
-    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep_sorted = keep_sorted.at[:, 0].set(True) | (p >= 1)  # p = 1 (a row's cut off) keeps every token
     return jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
 
 
@@ -45,15 +46,25 @@ class Sampling:
     p: float = 1.0
 
     def __call__(self, logits, key):
-        t = jnp.where(self.temperature > 0, self.temperature, 1.0)
-        scaled = logits / t
-        scaled = jax.lax.cond(self.k > 0, lambda x: jnp.where(top_k_mask(x, self.k), x, NEG_INF), lambda x: x,
+        """Token ids (batch,) int32. key: one PRNG key (raw uint32 (2,)) for the batch, or one per row
+        ((batch, 2)), so that a row samples the same tokens whatever else runs beside it."""
+        # (1, 1) for scalar fields, (batch, 1) for per-row ones: broadcast over the vocabulary
+        temperature, k, p = (jnp.reshape(x, (-1, 1)) for x in (self.temperature, self.k, self.p))
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+        scaled = jax.lax.cond(jnp.any(k > 0), lambda x: jnp.where(top_k_mask(x, k), x, NEG_INF), lambda x: x,
                               scaled)
-        scaled = jax.lax.cond(self.p < 1, lambda x: jnp.where(top_p_mask(x, self.p), x, NEG_INF), lambda x: x,
+        scaled = jax.lax.cond(jnp.any(p < 1), lambda x: jnp.where(top_p_mask(x, p), x, NEG_INF), lambda x: x,
                               scaled)
-        sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jnp.where(self.temperature > 0, sampled, greedy)
+
+        def sample(x):
+            if jnp.ndim(key) == 2:  # a key per row
+                return jax.vmap(jax.random.categorical)(key, x).astype(jnp.int32)
+            return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+        # all-greedy batches skip drawing the random numbers (a Gumbel draw per vocabulary entry and row)
+        sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda x: greedy, scaled)
+        return jnp.where(temperature[:, 0] > 0, sampled, greedy)
 
 
 def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> Sampling:

@@ -61,11 +61,27 @@ class TextStreamer:
             if any(s in full for s in self.stop_strings):
                 self.finished[row] = stop[row] = True
             text = self.text(row)
-            if self.callback is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-                if text.startswith(self.emitted[row]) and len(text) > len(self.emitted[row]):
-                    self.callback(row, text[len(self.emitted[row]):])
-                    self.emitted[row] = text
+            if not self.finished[row]:  # a stop string may be starting: hold its first characters back
+                text = text[: len(text) - self._stop_prefix_length(text)]
+            self._emit(row, text)
         return stop
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """The length of the longest end of `text` that begins a stop string (text that may yet be cut)."""
+        return max((n for s in self.stop_strings for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
+    def _emit(self, row: int, text: str, final: bool = False) -> None:
+        if self.callback is None or (not final and text.endswith("\ufffd")):  # wait for whole UTF-8 characters
+            return
+        if text.startswith(self.emitted[row]) and len(text) > len(self.emitted[row]):
+            self.callback(row, text[len(self.emitted[row]):])
+            self.emitted[row] = text
+
+    def flush(self, row: int) -> None:
+        """The row is over (stopped or out of tokens): send whatever text was held back."""
+        self.finished[row] = True
+        self._emit(row, self.text(row), final=True)
 
 
 def generate(model, prompts, images=None, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -125,25 +141,37 @@ def generate_token_rows(model, rows: list[list[int]], images: list[ImageCrops], 
                                  cache_len=cache_bucket(bucket + max_new_tokens), on_tokens=on_tokens, chunk=chunk)
 
 
+def tokenize_with_images(model, text: str, images: list) -> tuple[list[int], list[ImageCrops]]:
+    """A rendered prompt (one `<image>` marker per image) and its images -> (token ids with each image's tokens
+    expanded, the images' crops)."""
+    if text.count(IMAGE_MARKER) != len(images):
+        raise PromptError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
+                          f"{len(images)} image(s) were given")
+    processed = [model.processor.process_image(im) for im in images]
+    return (model.processor.token_ids(text, processed),
+            [ImageCrops.create(model.config, p.crops, p.plan) for p in processed])
+
+
+def default_stop_ids(model) -> set[int]:
+    """The token ids that end an answer: the config's EOS ids and the tokenizer's."""
+    stop_ids = set(model.config.text.eos_token_id)
+    if getattr(model.tokenizer, "eos_token_id", None) is not None:
+        stop_ids.add(model.tokenizer.eos_token_id)
+    return stop_ids
+
+
 def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max_new_tokens, temperature, top_p,
                         top_k, seed, stop, stop_token_ids, return_ids, stream, single=False):
     """Generate from fully rendered prompt texts (with `<image>` markers) and their images."""
     validate_sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=stop,
                       seed=seed)
-    cfg = model.config
-    processor = model.processor
     rows, images = [], []
     for text, imgs in zip(texts, image_lists, strict=True):
-        if text.count(IMAGE_MARKER) != len(imgs):
-            raise PromptError(f"the prompt has {text.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
-                              f"{len(imgs)} image(s) were given")
-        processed = [processor.process_image(im) for im in imgs]
-        rows.append(processor.token_ids(text, processed))
-        images += [ImageCrops.create(cfg, p.crops, p.plan) for p in processed]
+        ids, crops = tokenize_with_images(model, text, imgs)
+        rows.append(ids)
+        images += crops
     tokenizer = model.tokenizer
-    stop_ids = set(cfg.text.eos_token_id) | set(stop_token_ids)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        stop_ids.add(tokenizer.eos_token_id)
+    stop_ids = default_stop_ids(model) | set(stop_token_ids)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     streamer = TextStreamer(tokenizer, len(rows), stop_strings, stop_ids, stream)
     token_rows = generate_token_rows(
@@ -151,6 +179,8 @@ def generate_from_texts(model, texts: list[str], image_lists: list[list], *, max
         seed=seed, stop_ids=stop_ids, pad_id=getattr(tokenizer, "pad_token_id", None) or 0, on_tokens=streamer,
         chunk=1 if (stream is not None or stop_strings) else None)
     streamer.tokens = token_rows
+    for row in range(len(token_rows)):
+        streamer.flush(row)
     texts_out = [streamer.text(i).strip() for i in range(len(token_rows))]
     if return_ids:
         result = [(t, ids) for t, ids in zip(texts_out, token_rows, strict=True)]

@@ -47,16 +47,18 @@ def max_pixels() -> int:
     return Image.MAX_IMAGE_PIXELS or 2**63
 
 
-def decode_image(data: bytes, what: str) -> Image.Image:
-    """Decode image bytes completely (a truncated file fails here), refusing more than `max_pixels()` pixels."""
+def decode_image(data: bytes, what: str, pixel_limit: int | None = None) -> Image.Image:
+    """Decode image bytes completely (a truncated file fails here), refusing more than `pixel_limit` pixels
+    (default `max_pixels()`)."""
+    limit = max_pixels() if pixel_limit is None else min(pixel_limit, max_pixels())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
             image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > max_pixels():
+        if width * height > limit:
             raise ImageError(f"image {what} is {width}x{height} = {width * height:,} pixels, more than the limit of "
-                             f"{max_pixels():,} (PIL.Image.MAX_IMAGE_PIXELS)")
+                             f"{limit:,}")
         image.load()
     except ImageError:
         raise
@@ -69,7 +71,7 @@ def decode_image(data: bytes, what: str) -> Image.Image:
 
 
 def fetch_image(url: str, max_bytes: int | None = None, timeout: float = TIMEOUT_S,
-                opener=urllib.request.urlopen) -> Image.Image:
+                opener=urllib.request.urlopen, pixel_limit: int | None = None) -> Image.Image:
     """Download and decode the image at an http(s) `url` within the limits above; `ImageError` otherwise.
 
     opener: `urllib.request.urlopen` or a stand-in with its interface (tests serve bytes without a network).
@@ -93,4 +95,4 @@ def fetch_image(url: str, max_bytes: int | None = None, timeout: float = TIMEOUT
         raise
     except Exception as e:  # URLError, HTTPError, timeouts, connection resets
         raise ImageError(f"could not fetch image {url}: {e}") from e
-    return decode_image(bytes(data), url)
+    return decode_image(bytes(data), url, pixel_limit)

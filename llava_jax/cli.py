@@ -51,6 +51,18 @@ def _arg(check, parse):
     return convert
 
 
+def positive(parse):
+    """An argparse `type` for a number > 0 (`positive(int)`, `positive(float)`), errors as `_arg`'s."""
+    from .errors import InputError
+
+    def check(value):
+        if not value > 0:
+            raise InputError(f"{value!r} must be > 0")
+        return value
+
+    return _arg(check, parse)
+
+
 def _load_model(args):
     import llava_jax
 

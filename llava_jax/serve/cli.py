@@ -6,23 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import positive
+
 
 def _log(message: str) -> None:
     print(f"llava-jax serve: {message}", file=sys.stderr, flush=True)
-
-
-def _positive(parse):
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-        return value
-
-    convert.__name__ = parse.__name__
-    return convert
 
 
 def _buckets(text: str) -> list[int]:
@@ -36,16 +24,16 @@ def _buckets(text: str) -> list[int]:
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch", type=_positive(int), default=16,
+    p.add_argument("--max-batch", type=positive(int), default=16,
                    help="decode slots: requests decoded together (default 16)")
-    p.add_argument("--max-queue", type=_positive(int), default=64,
+    p.add_argument("--max-queue", type=positive(int), default=64,
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")
-    p.add_argument("--context", type=_positive(int),
+    p.add_argument("--context", type=positive(int),
                    help="cache entries per slot: padded prompt + answer (default: the model's context, at most 4096)")
     p.add_argument("--prompt-buckets", type=_buckets,
                    help="padded prompt lengths, comma-separated, each below --context (default: powers of two from "
                    "64 to half the context, then 5/8, 6/8, 7/8 of it); one prefill program each")
-    p.add_argument("--steps-per-call", type=_positive(int), default=4,
+    p.add_argument("--steps-per-call", type=positive(int), default=4,
                    help="decode steps per device call: more spread the host's per-call work over more tokens, fewer "
                    "let a new request start sooner (default 4)")
     p.add_argument("--template", help="conversation template (default: from the checkpoint)")
@@ -58,29 +46,29 @@ def add_serve_parser(subparsers, add_model_args) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     _add_server_args(p)
-    p.add_argument("--max-tokens-default", type=_positive(int), default=256,
+    p.add_argument("--max-tokens-default", type=positive(int), default=256,
                    help="max_tokens when a request gives none (at most what its prompt leaves; default 256)")
-    p.add_argument("--max-images", type=_positive(int), default=8, help="images per request (default 8)")
-    p.add_argument("--max-body-mb", type=_positive(float), default=32.0, help="request body limit (default 32 MB)")
-    p.add_argument("--max-image-mb", type=_positive(float), default=20.0,
+    p.add_argument("--max-images", type=positive(int), default=8, help="images per request (default 8)")
+    p.add_argument("--max-body-mb", type=positive(float), default=32.0, help="request body limit (default 32 MB)")
+    p.add_argument("--max-image-mb", type=positive(float), default=20.0,
                    help="limit on one image's encoded bytes (default 20 MB)")
-    p.add_argument("--max-image-pixels", type=_positive(int), default=4096 * 4096,
+    p.add_argument("--max-image-pixels", type=positive(int), default=4096 * 4096,
                    help="limit on one image's width x height (default 16,777,216)")
     p.add_argument("--allow-local-images", metavar="DIR",
                    help="accept image_url file paths inside DIR (default: no local files)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: off)")
-    p.add_argument("--remote-timeout", type=_positive(float), default=10.0,
+    p.add_argument("--remote-timeout", type=positive(float), default=10.0,
                    help="seconds to fetch a remote image (default 10)")
-    p.add_argument("--request-timeout", type=_positive(float), default=300.0,
+    p.add_argument("--request-timeout", type=positive(float), default=300.0,
                    help="seconds a request may take, waiting included; then HTTP 504 (default 300)")
     p.set_defaults(func=cmd_serve)
     b = subparsers.add_parser("bench-serve", help="throughput and latency of the server at 1, 4 and 16 concurrent "
                               "clients, against the same requests one after another with generate")
     add_model_args(b)
     _add_server_args(b)
-    b.add_argument("--requests", type=_positive(int), default=32, help="requests per concurrency level (default 32)")
+    b.add_argument("--requests", type=positive(int), default=32, help="requests per concurrency level (default 32)")
     b.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
-    b.add_argument("--max-tokens", type=_positive(int), default=64, help="max_tokens of every request (default 64)")
+    b.add_argument("--max-tokens", type=positive(int), default=64, help="max_tokens of every request (default 64)")
     b.add_argument("--image", action="store_true", help="every request carries the example photo")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=cmd_bench_serve)

@@ -2,21 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _positive(parse):
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if parse is int else 'a number'}") from e
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-        return value
-
-    convert.__name__ = parse.__name__
-    return convert
+from ..cli import positive
 
 
 def register(sub, add_model_args) -> None:
@@ -36,24 +22,24 @@ def register(sub, add_model_args) -> None:
     t.add_argument("--stage", required=True, choices=["pretrain", "finetune"])
     t.add_argument("--template", help="conversation template (default: plain for pretrain, the model's for "
                    "finetune)")
-    t.add_argument("--lr", type=_positive(float), help="peak learning rate (default 1e-3 pretrain, 2e-5 finetune)")
+    t.add_argument("--lr", type=positive(float), help="peak learning rate (default 1e-3 pretrain, 2e-5 finetune)")
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up (0.03)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0, as the original)")
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_positive(float), default=1.0, help="passes over the data (default 1)")
-    length.add_argument("--steps", type=_positive(int), help="optimizer steps (instead of --epochs)")
-    t.add_argument("--batch-size", type=_positive(int), default=4, help="examples per micro-batch (4)")
-    t.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step (1)")
-    t.add_argument("--max-length", type=_positive(int), default=2048,
+    length.add_argument("--epochs", type=positive(float), default=1.0, help="passes over the data (default 1)")
+    length.add_argument("--steps", type=positive(int), help="optimizer steps (instead of --epochs)")
+    t.add_argument("--batch-size", type=positive(int), default=4, help="examples per micro-batch (4)")
+    t.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step (1)")
+    t.add_argument("--max-length", type=positive(int), default=2048,
                    help="longest row after image expansion (2048); longer rows are refused, see --truncate")
     t.add_argument("--truncate", action="store_true", help="cut rows longer than --max-length after image "
                    "expansion, as the original model does, instead of refusing them")
     t.add_argument("--seed", type=int, default=0, help="data order seed (0)")
-    t.add_argument("--save-every", type=_positive(int), help="save the train state every N optimizer steps")
+    t.add_argument("--save-every", type=positive(int), help="save the train state every N optimizer steps")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     t.add_argument("--skip-bad", action="store_true", help="skip unusable rows (reported) instead of failing")
     t.add_argument("--train-vision-tower", action="store_true", help="also train the vision tower")
-    t.add_argument("--vision-lr", type=_positive(float), help="the vision tower's lr (default: --lr)")
+    t.add_argument("--vision-lr", type=positive(float), help="the vision tower's lr (default: --lr)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     register_export(sub)

@@ -41,7 +41,9 @@ class TextStreamer:
                                      skip_special_tokens=True)
 
     def text(self, row: int) -> str:
-        text = self.decode(row)
+        return self._cut_at_stop(self.decode(row))
+
+    def _cut_at_stop(self, text: str) -> str:
         for s in self.stop_strings:
             if s in text:
                 text = text[: text.index(s)]
@@ -60,7 +62,7 @@ class TextStreamer:
             full = self.decode(row)
             if any(s in full for s in self.stop_strings):
                 self.finished[row] = stop[row] = True
-            text = self.text(row)
+            text = self._cut_at_stop(full)
             if not self.finished[row]:  # a stop string may be starting: hold its first characters back
                 text = text[: len(text) - self._stop_prefix_length(text)]
             self._emit(row, text)

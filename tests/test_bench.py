@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from llava_jax.bench.measure import CPU_FLAGS
+
 CAT = str(Path(__file__).parent.parent / "llava_jax" / "assets" / "cat.jpg")
 
 
@@ -84,6 +86,9 @@ def test_bench_reports_every_field(checkpoint, capsys):
     assert r["kernels"] == "auto" and r["jax"]["kernels"] == "xla_cpu"  # requested; resolved on CPU
     assert r["new_tokens"] == new_tokens and r["crops"] >= 2 and 0 < r["image_tokens"] < r["prompt_tokens"]
     assert r["prompt_bucket"] >= r["prompt_tokens"] and r["cache_len"] >= r["prompt_bucket"] + new_tokens
+    machine = r["machine"]  # bf16 speed depends on these flags: results are compared only with them in view
+    assert machine["cpus"] == os.cpu_count() and len(machine["load_average"]) == 3
+    assert set(machine["cpu_flags"]) <= set(CPU_FLAGS) and isinstance(machine["cpu_model"], str)
     floor = r["floor"]
     for key in ("bandwidth_gbs", "bandwidth_gbs_median", "text_weight_bytes", "read_per_token_bytes",
                 "decode_floor_tok_s"):

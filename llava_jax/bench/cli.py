@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from .checkpoints import SHAPES, make_checkpoint
 from .child import run_child
 from .inputs import PROMPT
-from .measure import common_prefix, log, measure_bandwidth, summarize_loads, text_weight_bytes
+from .measure import common_prefix, log, machine_info, measure_bandwidth, summarize_loads, text_weight_bytes
 from .report import print_report
 
 
@@ -42,7 +41,7 @@ def run_bench(args) -> dict:
     result = {
         "model": model_dir, "dtype": args.dtype, "kernels": args.kernels, "image_size": [width, height],
         "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "machine": {"cpus": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "machine": machine_info(),
         "floor": {**weights, "bandwidth_gbs": bw["read_gbs"], "bandwidth_gbs_median": bw["read_gbs_median"],
                   "decode_floor_tok_s": floor_tok_s},
     }
@@ -88,7 +87,7 @@ def run_load_bench(args) -> dict:
                 f"{runs[side][-1]['load_peak_rss_gb']:.2f} GB")
     result = {"model": model_dir, "torch_model": args.torch_model or model_dir, "dtype": args.dtype,
               "load_only": True, "loads": 1 + args.repeats,
-              "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())}}
+              "machine": machine_info()}
     result.update({side: summarize_loads(side_runs) for side, side_runs in runs.items()})
     if args.compare_torch:
         jax_res, torch_res = result["jax"], result["torch"]
@@ -101,7 +100,7 @@ def run_load_bench(args) -> dict:
 def run_train_step_bench(opts: dict, model_dir: str, args) -> dict:
     """`--train-step`: one fine-tuning step per side (`train_step.py`), fp32."""
     result = {"model": model_dir, "mode": "train_step", "dtype": "float32", "image_size": opts["image_size"],
-              "batch": args.batch, "repeats": args.repeats, "machine": {"cpus": os.cpu_count()}}
+              "batch": args.batch, "repeats": args.repeats, "machine": machine_info()}
     log("llava-jax train step")
     result["jax"] = run_child("jax_train", opts)
     if args.compare_torch:

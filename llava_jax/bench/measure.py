@@ -14,6 +14,30 @@ import time
 
 import numpy as np
 
+# CPU features that decide how fast 16-bit matmuls run: without avx512_bf16 / amx_bf16 both XLA:CPU and PyTorch
+# compute bf16 products through slow conversion paths, so bf16 results from machines with and without them
+# are not comparable.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def machine_info() -> dict:
+    """The machine a benchmark ran on: core count, load average, CPU model and the matmul-relevant CPU flags
+    (Linux; empty where /proc/cpuinfo is unreadable), and the XLA flags in effect."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()], "cpu_model": model,
+            "cpu_flags": [f for f in CPU_FLAGS if f in flags], "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -74,10 +74,12 @@ class Runner:
             self.frozen = jax.device_put(frozen, placement.params(frozen))
         self.state = {"trainable": self.trainable, "opt_state": self.program.init(self.trainable)}
 
-    def step(self, rows) -> float:
-        t, o, loss, _ = self.program.run(self.state["trainable"], self.state["opt_state"], self.frozen, self.feed(rows))
+    def step(self, rows) -> tuple[float, float]:
+        """(loss, gradient norm) of one optimizer step on `rows`."""
+        t, o, loss, norm = self.program.run(self.state["trainable"], self.state["opt_state"], self.frozen,
+                                            self.feed(rows))
         self.state = {"trainable": t, "opt_state": o}
-        return float(loss)
+        return float(loss), float(norm)
 
     def params(self) -> dict:
         merged = merge_params(self.state["trainable"], self.frozen)
@@ -122,7 +124,7 @@ def main(out_path):
     ref_losses = [ref.step(rows) for rows in batches]
     ref_params = ref.params()
     start = Runner(model, items, None).params()
-    entry = {"devices": jax.device_count(), "ref_losses": ref_losses, "ref_bytes": ref.bytes_per_device(),
+    entry = {"devices": jax.device_count(), "ref_steps": ref_losses, "ref_bytes": ref.bytes_per_device(),
              "moved": max_diff(ref_params, start), "param_scale": max(float(np.abs(v).max()) for v in start.values()),
              "meshes": {}}
     runners = {}
@@ -131,11 +133,12 @@ def main(out_path):
         donated = run.state["trainable"]
         losses = [run.step(rows) for rows in batches]
         entry["meshes"][name] = {
-            "losses": losses, "param_diff": max_diff(run.params(), ref_params),
+            "steps": losses, "param_diff": max_diff(run.params(), ref_params),
             "bytes_per_device": run.bytes_per_device(), "specs": run.specs(), "opt_specs": run.opt_specs(),
             "donated": all(x.is_deleted() for x in jax.tree_util.tree_leaves(donated)),
         }
 
+    entry["parity_seconds"], entry["parity_cpu_seconds"] = time.time() - t0, time.process_time() - c0
     # a train state saved on 2x4 after step 1, resumed on 4x2 for step 2, then on one device for step 3
     checkpoints = TrainCheckpoints(str(root / "moved"))
     losses = []
@@ -146,7 +149,7 @@ def main(out_path):
         losses.append(run.step(batches[step]))
         checkpoints.save(step + 1, run.state, {"step": step + 1})
     checkpoints.close()
-    entry["resume"] = {"losses": losses, "param_diff": max_diff(run.params(), ref_params)}
+    entry["resume"] = {"steps": losses, "param_diff": max_diff(run.params(), ref_params)}
     entry["seconds"], entry["cpu_seconds"] = time.time() - t0, time.process_time() - c0
     with open(out_path, "w") as f:
         json.dump(entry, f, indent=1)

@@ -16,6 +16,9 @@ resumed run (`resume=True`: the newest checkpoint in OUT/checkpoints) sees exact
 uninterrupted run would: its losses are bit for bit the same. Ctrl-C (KeyboardInterrupt) saves the state
 before leaving. Every optimizer step appends a JSON line to OUT/metrics.jsonl (step, epoch, loss, lr, grad
 norm, tokens/s); at the end the params are written as a model directory in OUT (`checkpoints.write_model`).
+
+`mesh` / `fsdp`: the train state and the batches on a (data, model) mesh, by the inference sharding rule table,
+each process collating only its share of every batch (`sharded.py`).
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ class _StepProgram:
         self.run = jax.jit(step)
         self.init = jax.jit(lambda trainable: self.tx.init(trainable))
 
-    def bind(self, trainable, frozen) -> _StepProgram:
-        """Build the optimizer for the trainable tree's structure (once)."""
+    def bind(self, trainable, frozen=None) -> _StepProgram:
+        """Build the optimizer for the trainable tree's structure (once); on a mesh also the step's shardings,
+        for which it needs the `frozen` tree too."""
         if self.tx is None:
             self.tx = make_optimizer(self._optim, trainable)
             if self.placement is not None:
@@ -247,7 +251,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                 "examples": len(items), "settings": settings}
 
     def save() -> None:
-        checkpoints.save(micro, state, record_now())
+        if checkpoints.latest_step() != micro:  # Ctrl-C right after a --save-every save: already saved
+            checkpoints.save(micro, state, record_now())
 
     bar = tqdm(total=total_steps, initial=micro // cfg.grad_accum, desc=f"train {cfg.stage}", unit="step",
                disable=not cfg.progress)

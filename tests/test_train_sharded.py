@@ -24,10 +24,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
+from test_train import write_data
 
 from llava_jax import cli
 from llava_jax.config import LlavaConfig, TextConfig
@@ -49,18 +49,148 @@ FSDP = "fsdp data=2,model=4"
 STEP_RTOL, PARAM_ATOL = 1e-5, 1e-4
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def worker(tmp_path_factory):
+    """The 8-device worker, started when the module starts: the in-process tests (first in this file) run while
+    it compiles."""
     out = tmp_path_factory.mktemp("train_sharding") / "out.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(HERE / "train_sharding_worker.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    log = open(out.with_suffix(".log"), "w")  # a file, not a pipe: nobody reads it until the worker ends
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_sharding_worker.py"), str(out)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def results(worker):
+    proc, out = worker
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     if proc.returncode != 0:
-        pytest.fail(f"train sharding worker failed with code {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        log = out.with_suffix(".log").read_text()
+        pytest.fail(f"train sharding worker failed with code {proc.returncode}:\n{log[-4000:]}")
     return json.loads(out.read_text())
 
 
+# ---- in-process: the per-process split of a batch, options and errors ------------------------------------------
+def test_process_share():
+    # data axis over processes: process p holds data block p (of 4 processes, 8 rows: 2 rows each)
+    assert [process_share(8, 4, p, 4) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    # data=8 over 2 processes: each holds 4 data blocks, one share of 4 rows
+    assert [process_share(8, 8, p, 2) for p in range(2)] == [(0, 2), (1, 2)]
+    # model axis across processes (data=2 over 4 processes): processes 0,1 read share 0, 2,3 share 1
+    assert [process_share(8, 2, p, 4) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert process_share(8, 4, 0, 1) == (0, 1)
+    with pytest.raises(InputError, match="data axis .3. and the process count .2."):
+        process_share(6, 3, 0, 2)
+    with pytest.raises(InputError, match="--batch-size 6 does not split into 4"):
+        process_share(6, 4, 0, 4)
+    rows = list("abcdef")
+    assert share_rows(rows, 1, 2, 8) == (["e", "f"], True)  # a short last batch: share 1 gets what is left
+    assert share_rows(rows[:3], 1, 2, 8) == (["a"], False)  # nothing left for share 1: a filler row
+
+
+def batch_contents(batch, tokens_per_crop: int) -> list:
+    """What each row of a `LossBatch` feeds the model, position by position: (token, position id, the image
+    feature placed there: its crop's pixels and its row in the crop, or "newline"), and its supervised targets
+    ((column, target id) of weight 1). Padding (columns past the mask, dropped features, weight-0 targets) is left
+    out, so batches padded differently compare equal when the model sees the same thing."""
+    ids, mask, pos = (np.asarray(x) for x in (batch.input_ids, batch.attention_mask, batch.positions))
+    rows, seq = ids.shape
+    crops = np.asarray(batch.crops)
+    placed = {}
+    for index, where in zip(np.asarray(batch.feature_index), np.asarray(batch.feature_positions), strict=True):
+        if where < rows * seq:  # the network drops positions past the end
+            placed[int(where)] = "newline" if index < 0 else (crops[index // tokens_per_crop].tobytes(),
+                                                              int(index % tokens_per_crop))
+    targets = [[] for _ in range(rows)]
+    for where, tid, w in zip(np.asarray(batch.target_positions), np.asarray(batch.target_ids),
+                             np.asarray(batch.target_weight), strict=True):
+        if w:
+            targets[where // seq].append((int(where % seq), int(tid)))
+    return [([(int(ids[r, c]), int(pos[r, c]), placed.get(r * seq + c)) for c in range(seq) if mask[r, c]],
+             sorted(targets[r])) for r in range(rows)]
+
+
+def test_shares_make_the_batch_one_host_would(small_model, tmp_path):
+    """Two processes' shares (each collated from its own rows only, padded to the agreed sizes, indices moved)
+    put together feed the model what the batch one host collates from all rows feeds it: the same tokens,
+    positions, image features (pixels and row in the crop) and targets at the same places, row by row. Every
+    image feature and every target is placed (none lost to padding). A filler share (no rows left for it) has
+    no target weight."""
+    import llava_jax
+    from llava_jax.train.collate import Collator, tokenize_examples
+    from llava_jax.train.data import load_dataset
+
+    data, images = write_data(tmp_path, 4, long_answers=(3,))  # two image sizes (AnyRes grids), one longer row
+    model = llava_jax.load(small_model, mesh=None)
+    items, _ = tokenize_examples(model, load_dataset(data, images)[0], "mistral_instruct", 512, progress=False)
+    tpc = model.config.tokens_per_crop
+
+    def split(rows):
+        parts = []
+        for share in range(2):
+            mine, real = share_rows(rows, share, 2, 4)
+            parts.append((Collator.for_examples(model, items, 2, 512)(mine), real))
+        # what agree_sizes all-gathers, grown as if another process had longer rows and more images: every
+        # share is then widened and its flat indices re-laid for the longer rows
+        sizes = np.max([share_sizes(b) for b, _ in parts], axis=0) + np.array([32, 2, 16, 8])
+        return combine_shares([localize_share(b, sizes, s, 2, 1, tpc, real) for s, (b, real) in enumerate(parts)])
+
+    rows = [items[i] for i in (0, 2, 1, 3)]  # share 0: two 40x70 images, share 1: two 60x40 ones and the long row
+    whole = batch_contents(Collator.for_examples(model, items, 4, 512)(rows), tpc)
+    shared = split(rows)
+    got = batch_contents(shared, tpc)
+    assert got == whole
+    features = sum(1 for row, _ in whole for *_, f in row if f is not None)
+    assert features == sum(it.image_tokens for it in items) and all(targets for _, targets in whole)
+    filled = split(items[:2])  # share 1 has no row: a filler whose targets weigh 0 (the loss is a weighted mean)
+    weight = np.asarray(filled.target_weight)
+    assert weight[: len(weight) // 2].sum() > 0 and weight[len(weight) // 2:].sum() == 0
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from llava_jax.default_model import write_small_model
+
+    return str(write_small_model(tmp_path_factory.mktemp("small") / "model"))
+
+
+def test_batch_must_split_over_data():
+    config = LlavaConfig(text=TextConfig(num_heads=8, num_kv_heads=8))
+    placement = TrainSharding(ShardingRules.create(AbstractMesh((4, 2), ("data", "model")), config))
+    placement.check_batch_size(8)
+    with pytest.raises(InputError, match="--batch-size 6 does not split over the mesh's data axis of 4"):
+        placement.check_batch_size(6)
+    with pytest.raises(InputError, match="--fsdp needs --mesh"):
+        trainer.TrainConfig(stage="finetune", data="d", image_folder="i", output="o", fsdp=True)
+
+
+def test_cli_mesh_options(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return trainer.TrainResult(str(tmp_path), 0)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    base = ["train", "--data", "d.json", "--image-folder", "img", "--output", str(tmp_path), "--stage", "finetune",
+            "--quiet"]
+    assert cli.main(base + ["--mesh", "data=2,model=4", "--fsdp"]) == 0
+    assert seen["config"].mesh == "data=2,model=4" and seen["config"].fsdp
+    assert cli.main(base) == 0
+    assert seen["config"].mesh == "auto" and not seen["config"].fsdp
+
+
+# ---- 8 simulated devices (the worker) ---------------------------------------------------------------------------
 def assert_steps_match(got, ref):
     assert len(got) == len(ref) == 3
     for (loss, norm), (ref_loss, ref_norm) in zip(got, ref, strict=True):
@@ -127,89 +257,3 @@ def test_train_state_moves_across_meshes(results):
     got = results["resume"]
     assert_steps_match(got["steps"], results["ref_steps"])
     assert got["param_diff"] < PARAM_ATOL
-
-
-# ---- in-process: the per-process split of a batch, options and errors ------------------------------------------
-def test_process_share():
-    # data axis over processes: process p holds data block p (of 4 processes, 8 rows: 2 rows each)
-    assert [process_share(8, 4, p, 4) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
-    # data=8 over 2 processes: each holds 4 data blocks, one share of 4 rows
-    assert [process_share(8, 8, p, 2) for p in range(2)] == [(0, 2), (1, 2)]
-    # model axis across processes (data=2 over 4 processes): processes 0,1 read share 0, 2,3 share 1
-    assert [process_share(8, 2, p, 4) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
-    assert process_share(8, 4, 0, 1) == (0, 1)
-    with pytest.raises(InputError, match="data axis .3. and the process count .2."):
-        process_share(6, 3, 0, 2)
-    with pytest.raises(InputError, match="--batch-size 6 does not split into 4"):
-        process_share(6, 4, 0, 4)
-    rows = list("abcdef")
-    assert share_rows(rows, 1, 2, 8) == (["e", "f"], True)  # a short last batch: share 1 gets what is left
-    assert share_rows(rows[:3], 1, 2, 8) == (["a"], False)  # nothing left for share 1: a filler row
-
-
-def test_shares_make_the_batch_one_host_would(small_model, tmp_path):
-    """Two processes' shares (each collated from its own rows only, padded to the agreed sizes, indices moved)
-    put together give the loss of the batch one host collates from all rows. Bound 1e-6 relative: the same fp32
-    math on other padding (a misplaced image feature or target moves it by > 1e-2). A filler share (no rows left
-    for it) has no target weight."""
-    from test_train import write_data
-
-    import llava_jax
-    from llava_jax.train.collate import Collator, tokenize_examples
-    from llava_jax.train.data import load_dataset
-    from llava_jax.train.loss import loss_fn
-
-    data, images = write_data(tmp_path, 4, long_answers=(3,))  # two image sizes, one longer row
-    model = llava_jax.load(small_model, mesh=None)
-    items, _ = tokenize_examples(model, load_dataset(data, images)[0], "mistral_instruct", 512, progress=False)
-    loss = jax.jit(lambda b: loss_fn(model.network, model.params, b))
-    tpc = model.config.tokens_per_crop
-
-    def split(rows):
-        parts = []
-        for share in range(2):
-            mine, real = share_rows(rows, share, 2, 4)
-            parts.append((Collator.for_examples(model, items, 2, 512)(mine), real))
-        sizes = np.max([share_sizes(b) for b, _ in parts], axis=0)  # what agree_sizes all-gathers
-        return combine_shares([localize_share(b, sizes, s, 2, 1, tpc, real) for s, (b, real) in enumerate(parts)])
-
-    whole = float(loss(Collator.for_examples(model, items, 4, 512)(items)))
-    shared = split(items)
-    assert np.asarray(shared.attention_mask)[:2].sum() < np.asarray(shared.attention_mask)[2:].sum()  # rows differ
-    assert abs(float(loss(shared)) - whole) < 1e-6 * whole
-    filled = split(items[:2])  # share 1 has no row: a filler whose targets weigh 0 (the loss is a weighted mean)
-    weight = np.asarray(filled.target_weight)
-    assert weight[: len(weight) // 2].sum() > 0 and weight[len(weight) // 2:].sum() == 0
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    from llava_jax.default_model import write_small_model
-
-    return str(write_small_model(tmp_path_factory.mktemp("small") / "model"))
-
-
-def test_batch_must_split_over_data():
-    config = LlavaConfig(text=TextConfig(num_heads=8, num_kv_heads=8))
-    placement = TrainSharding(ShardingRules.create(AbstractMesh((4, 2), ("data", "model")), config))
-    placement.check_batch_size(8)
-    with pytest.raises(InputError, match="--batch-size 6 does not split over the mesh's data axis of 4"):
-        placement.check_batch_size(6)
-    with pytest.raises(InputError, match="--fsdp needs --mesh"):
-        trainer.TrainConfig(stage="finetune", data="d", image_folder="i", output="o", fsdp=True)
-
-
-def test_cli_mesh_options(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_train(config):
-        seen["config"] = config
-        return trainer.TrainResult(str(tmp_path), 0)
-
-    monkeypatch.setattr(trainer, "train", fake_train)
-    base = ["train", "--data", "d.json", "--image-folder", "img", "--output", str(tmp_path), "--stage", "finetune",
-            "--quiet"]
-    assert cli.main(base + ["--mesh", "data=2,model=4", "--fsdp"]) == 0
-    assert seen["config"].mesh == "data=2,model=4" and seen["config"].fsdp
-    assert cli.main(base) == 0
-    assert seen["config"].mesh == "auto" and not seen["config"].fsdp

@@ -146,6 +146,8 @@ class _StepProgram:
                 return loss_fn(network, merge_params(t, frozen), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
+            if placement is not None:  # gradients laid out like their params (with FSDP: reduce-scattered)
+                grads = jax.lax.with_sharding_constraint(grads, placement.params(trainable))
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, loss, optax.tree.norm(grads)
 

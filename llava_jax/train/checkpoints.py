@@ -2,8 +2,10 @@
 
 The train state is every array the next step needs: the trainable params, the optimizer state, the RNG key,
 and the step counter (which is also the data position: the data order is a function of the seed and the epoch,
-see `trainer.py`). It is saved as its flat list of leaves (the tree's structure comes from the run's own
-fresh state when restoring, so optax's named tuples and None leaves need no Orbax support), plus a JSON record
+see `trainer.py`). It is saved as its flat list of leaves (the tree's structure comes from the run's own fresh
+state when restoring, so optax's named tuples and None leaves need no Orbax support), each array as the shards
+its devices hold (on a mesh no host gathers the state; restoring places each leaf onto the sharding of the
+resuming run's state, so a run saved on one mesh resumes on another), plus a JSON record
 (step, epoch, batch in epoch, the run's settings) for humans and for refusing a resume with other settings.
 
 The final params are written as a converted checkpoint (`params/`, `llava_jax_config.json`, the tokenizer and
@@ -42,29 +44,39 @@ class TrainCheckpoints:
         """Write `state` (any pytree of arrays) and the JSON `record` as checkpoint `step`."""
         import orbax.checkpoint as ocp
 
-        leaves = {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state))}
+        # jax.Arrays as they are: each process writes the shards it holds, nothing is gathered
+        leaves = {f"{i:05d}": x for i, x in enumerate(jax.tree_util.tree_leaves(state))}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(leaves),
                                                         record=ocp.args.JsonSave(record)), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, like, step: int | None = None) -> tuple[object, dict]:
-        """(state shaped like `like`, record) of checkpoint `step` (default: the newest)."""
+        """(state shaped like `like`, record) of checkpoint `step` (default: the newest). Each array is restored
+        onto the sharding of its counterpart in `like` (each process reads only its shards): a state saved on
+        one mesh resumes on another."""
         import orbax.checkpoint as ocp
 
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"--resume: no train-state checkpoint in {self.directory}")
         leaves, treedef = jax.tree_util.tree_flatten(like)
-        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for i, x in enumerate(leaves)}
+        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=_sharding(x))
+                    for i, x in enumerate(leaves)}
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract, restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray)
-                                                                  for k in abstract}),
+            state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
             record=ocp.args.JsonRestore()))
         state = jax.tree_util.tree_unflatten(treedef, [out.state[k] for k in sorted(out.state)])
         return state, dict(out.record)
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _sharding(x):
+    """Where a restored leaf goes: `x`'s sharding, or the default device for a host value."""
+    if isinstance(x, jax.Array):
+        return x.sharding
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def write_model(output: str, params, config, source_dir: str | None) -> None:

@@ -40,6 +40,10 @@ def register(sub, add_model_args) -> None:
     t.add_argument("--skip-bad", action="store_true", help="skip unusable rows (reported) instead of failing")
     t.add_argument("--train-vision-tower", action="store_true", help="also train the vision tower")
     t.add_argument("--vision-lr", type=positive(float), help="the vision tower's lr (default: --lr)")
+    t.add_argument("--mesh", default="auto",
+                   help="device mesh for params, optimizer state and batches, e.g. data=2,model=4 (one size may be "
+                   "-1: the rest); 'auto' (default): every device, as at inference; 'none': one device")
+    t.add_argument("--fsdp", action="store_true", help="also shard params and optimizer state over the data axis")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     register_export(sub)
@@ -62,7 +66,7 @@ def cmd_train(args) -> int:
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                          seed=args.seed, save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
                          truncate=args.truncate, train_vision_tower=args.train_vision_tower,
-                         vision_lr=args.vision_lr, progress=not args.quiet)
+                         vision_lr=args.vision_lr, progress=not args.quiet, mesh=args.mesh, fsdp=args.fsdp)
     try:
         result = train(config)
     except KeyboardInterrupt:

@@ -16,6 +16,9 @@ resumed run (`resume=True`: the newest checkpoint in OUT/checkpoints) sees exact
 uninterrupted run would: its losses are bit for bit the same. Ctrl-C (KeyboardInterrupt) saves the state
 before leaving. Every optimizer step appends a JSON line to OUT/metrics.jsonl (step, epoch, loss, lr, grad
 norm, tokens/s); at the end the params are written as a model directory in OUT (`checkpoints.write_model`).
+
+`mesh` / `fsdp`: the train state and the batches on a (data, model) mesh, by the inference sharding rule table,
+each process collating only its share of every batch (`sharded.py`).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import optax
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..sharding import to_host
 from .checkpoints import TrainCheckpoints, write_model
 from .collate import Collator, tokenize_examples
 from .loss import loss_fn
 from .optim import STAGES, OptimConfig, current_lr, make_optimizer, merge_params, split_params, trainable_mask
+from .sharded import ShardedFeed, TrainSharding, scalar
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
@@ -73,6 +78,8 @@ class TrainConfig:
     train_vision_tower: bool = False
     vision_lr: float | None = None
     progress: bool = True
+    mesh: str | None = None  # a (data, model) mesh ("data=2,model=4", "auto"; see `sharded.py`); None: one device
+    fsdp: bool = False  # with a mesh: also split params and optimizer state over `data` (sharding.FSDP_RULES)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -90,6 +97,8 @@ class TrainConfig:
             raise InputError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.vision_lr is not None and not self.train_vision_tower:
             raise InputError("--vision-lr needs --train-vision-tower")
+        if self.fsdp and self.mesh is None:
+            raise InputError("--fsdp needs --mesh")
 
     @property
     def learning_rate(self) -> float:
@@ -107,42 +116,54 @@ class TrainResult:
     seconds: float = 0.0
     compiled_programs: int = 0
     interrupted: bool = False
+    bytes_per_device: int = 0  # the most any device holds of params + optimizer state (at the end)
+    param_specs: dict = field(default_factory=dict)  # on a mesh: param path -> PartitionSpec (as a tuple)
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, mesh: str | None = None, fsdp: bool = False):
     import llava_jax
 
     if path is None:
         from ..default_model import default_model_dir
 
         path = str(default_model_dir())
-    return llava_jax.load(path, mesh=None)
+    return llava_jax.load(path, mesh=mesh, fsdp=fsdp)  # params placed by the rule table when there is a mesh
 
 
 class _StepProgram:
     """The jitted train step: loss and gradients of the trainable params, then the optimizer update. Made once per
     (network, optimizer settings, trainable set) in a process (`step_program`), so that runs in one process
-    (a resumed run, a notebook) reuse its compiled programs."""
+    (a resumed run, a notebook) reuse its compiled programs. On a mesh (`placement`) the step has explicit
+    shardings and donates the train state (`sharded.TrainSharding.step_jit`)."""
 
-    def __init__(self, network, optim: OptimConfig):
+    def __init__(self, network, optim: OptimConfig, placement: TrainSharding | None = None):
         self.tx = None
         self._optim = optim
+        self.placement = placement
 
         def step(trainable, opt_state, frozen, batch):
             def loss_of(t):
                 return loss_fn(network, merge_params(t, frozen), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
+            if placement is not None:  # gradients laid out like their params (with FSDP: reduce-scattered)
+                grads = jax.lax.with_sharding_constraint(grads, placement.params(trainable))
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, loss, optax.tree.norm(grads)
 
+        self._step = step
         self.run = jax.jit(step)
         self.init = jax.jit(lambda trainable: self.tx.init(trainable))
 
-    def bind(self, trainable) -> _StepProgram:
-        """Build the optimizer for the trainable tree's structure (once)."""
+    def bind(self, trainable, frozen=None) -> _StepProgram:
+        """Build the optimizer for the trainable tree's structure (once); on a mesh also the step's shardings,
+        for which it needs the `frozen` tree too."""
         if self.tx is None:
             self.tx = make_optimizer(self._optim, trainable)
+            if self.placement is not None:
+                init = self.tx.init
+                self.init = self.placement.init_jit(init, trainable)
+                self.run = self.placement.step_jit(self._step, trainable, jax.eval_shape(init, trainable), frozen)
         return self
 
     @property
@@ -152,11 +173,14 @@ class _StepProgram:
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool) -> _StepProgram:
+def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool,
+                 mesh=None, fsdp: bool = False) -> _StepProgram:
     from ..network import LlavaNetwork
+    from ..sharding import ShardingRules
 
     # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
-    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim)
+    placement = None if mesh is None else TrainSharding(ShardingRules.create(mesh, config, fsdp))
+    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim, placement)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -172,7 +196,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     if config is not None and kwargs:
         cfg = dataclasses.replace(config, **kwargs)
     start = time.monotonic()
-    model = _load_model(cfg.model)
+    model = _load_model(cfg.model, cfg.mesh, cfg.fsdp)
     from ..prompt import default_template
 
     template = stage_template(cfg.stage, cfg.template or default_template(model.config))
@@ -189,10 +213,16 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                         vision_lr=cfg.vision_lr if cfg.train_vision_tower else None)
     mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
     trainable, frozen = split_params(model.params, mask)
-    program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage,
-                           cfg.train_vision_tower).bind(trainable)
+    program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage, cfg.train_vision_tower,
+                           model.mesh, cfg.fsdp).bind(trainable, frozen)
+    placement = program.placement
+    if placement is not None:
+        placement.check_batch_size(cfg.batch_size)
     compiled_before = program.compiled
-    state = {"trainable": trainable, "opt_state": program.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
+    key = jax.random.PRNGKey(cfg.seed)
+    state = {"trainable": trainable, "opt_state": program.init(trainable),
+             "key": key if placement is None else jax.device_put(key, placement.replicated)}
+    main_process = jax.process_index() == 0  # multi-host: one process writes metrics and the model
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
 
     os.makedirs(cfg.output, exist_ok=True)
@@ -210,7 +240,11 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    collate = Collator.for_examples(model, items, cfg.batch_size, cfg.max_length)
+    if placement is None:
+        collate = Collator.for_examples(model, items, cfg.batch_size, cfg.max_length)
+    else:  # each process collates only its share of every batch
+        collate = ShardedFeed(placement, lambda rows: Collator.for_examples(model, items, rows, cfg.max_length),
+                              cfg.batch_size, model.config.tokens_per_crop)
     result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped)
 
     def record_now() -> dict:
@@ -219,7 +253,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                 "examples": len(items), "settings": settings}
 
     def save() -> None:
-        checkpoints.save(micro, state, record_now())
+        if checkpoints.latest_step() != micro:  # Ctrl-C right after a --save-every save: already saved
+            checkpoints.save(micro, state, record_now())
 
     bar = tqdm(total=total_steps, initial=micro // cfg.grad_accum, desc=f"train {cfg.stage}", unit="step",
                disable=not cfg.progress)
@@ -229,22 +264,24 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
             while micro < total_micro:
                 epoch, index = divmod(micro, per_epoch)
                 order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-                batch = collate([items[i] for i in order[index * cfg.batch_size: (index + 1) * cfg.batch_size]])
+                rows = [items[i] for i in order[index * cfg.batch_size: (index + 1) * cfg.batch_size]]
+                batch = collate(rows)
                 trainable, opt_state, loss, grad_norm = program.run(state["trainable"], state["opt_state"],
                                                                     frozen, batch)
                 state = {"trainable": trainable, "opt_state": opt_state, "key": state["key"]}
                 micro += 1
-                window_loss.append(float(loss))
-                window_tokens += int(np.asarray(batch.attention_mask).sum())
+                window_loss.append(scalar(loss))
+                window_tokens += sum(min(it.length, cfg.max_length) for it in rows)
                 if micro % cfg.grad_accum:
                     continue
                 step = micro // cfg.grad_accum
                 elapsed = time.monotonic() - window_start
                 line = {"step": step, "epoch": epoch, "loss": float(np.mean(window_loss)),
-                        "lr": current_lr(optim, step - 1), "grad_norm": float(grad_norm),
+                        "lr": current_lr(optim, step - 1), "grad_norm": scalar(grad_norm),
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9), "seconds": time.monotonic() - start}
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+                if main_process:
+                    metrics.write(json.dumps(line) + "\n")
+                    metrics.flush()
                 result.losses.append(line["loss"])
                 result.steps = step
                 bar.update(1)
@@ -266,10 +303,22 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     bar.close()
     save()
     checkpoints.close()
-    write_model(cfg.output, merge_params(state["trainable"], frozen), model.config, model.path)
+    params = jax.tree_util.tree_map(to_host, merge_params(state["trainable"], frozen))  # gathered (collective)
+    if main_process:
+        write_model(cfg.output, params, model.config, model.path)
     result.seconds = time.monotonic() - start
     result.compiled_programs = program.compiled - compiled_before
+    _describe_placement(result, state, frozen)
     return result
+
+
+def _describe_placement(result: TrainResult, state: dict, frozen) -> None:
+    from ..sharding import device_bytes, path_str
+
+    params = merge_params(state["trainable"], frozen)
+    result.bytes_per_device = max(device_bytes([params, state["opt_state"]]).values())
+    result.param_specs = {path_str(p): tuple(x.sharding.spec) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                          if isinstance(x.sharding, jax.sharding.NamedSharding)}
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -40,6 +40,12 @@ def register(sub, add_model_args) -> None:
     t.add_argument("--skip-bad", action="store_true", help="skip unusable rows (reported) instead of failing")
     t.add_argument("--train-vision-tower", action="store_true", help="also train the vision tower")
     t.add_argument("--vision-lr", type=positive(float), help="the vision tower's lr (default: --lr)")
+    t.add_argument("--remat", choices=["none", "dots", "full"], default="none",
+                   help="per-layer rematerialization: none (keep all activations), dots (keep the weight matmuls' "
+                   "outputs, recompute the rest), full (keep each layer's input only)")
+    t.add_argument("--precision", choices=["fp32", "mixed", "bf16"], default="fp32",
+                   help="fp32; mixed: fp32 master params and optimizer state, bf16 compute; bf16: bf16 params and "
+                   "optimizer state")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     register_export(sub)
@@ -62,7 +68,8 @@ def cmd_train(args) -> int:
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                          seed=args.seed, save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
                          truncate=args.truncate, train_vision_tower=args.train_vision_tower,
-                         vision_lr=args.vision_lr, progress=not args.quiet)
+                         vision_lr=args.vision_lr, remat=args.remat, precision=args.precision,
+                         progress=not args.quiet)
     try:
         result = train(config)
     except KeyboardInterrupt:

@@ -35,16 +35,19 @@ import optax
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..remat import check_remat
 from .checkpoints import TrainCheckpoints, write_model
 from .collate import Collator, tokenize_examples
 from .loss import loss_fn
 from .optim import STAGES, OptimConfig, current_lr, make_optimizer, merge_params, split_params, trainable_mask
+from .precision import Precision
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
 # Settings a resumed run must share with the run it continues (else its data order or schedule differ).
 RESUME_KEYS = ("stage", "data", "image_folder", "template", "lr", "warmup_ratio", "weight_decay", "batch_size",
-               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad")
+               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad",
+               "precision")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class TrainConfig:
     truncate: bool = False
     train_vision_tower: bool = False
     vision_lr: float | None = None
+    remat: str = "none"  # per-layer rematerialization: none, dots, full (`llava_jax.remat`)
+    precision: str = "fp32"  # fp32, mixed, bf16 (`precision.py`)
     progress: bool = True
 
     def __post_init__(self):
@@ -90,6 +95,8 @@ class TrainConfig:
             raise InputError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.vision_lr is not None and not self.train_vision_tower:
             raise InputError("--vision-lr needs --train-vision-tower")
+        check_remat(self.remat)
+        Precision(self.precision)
 
     @property
     def learning_rate(self) -> float:
@@ -109,14 +116,14 @@ class TrainResult:
     interrupted: bool = False
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, dtype: str = "float32"):
     import llava_jax
 
     if path is None:
         from ..default_model import default_model_dir
 
         path = str(default_model_dir())
-    return llava_jax.load(path, mesh=None)
+    return llava_jax.load(path, dtype=dtype, mesh=None)
 
 
 class _StepProgram:
@@ -124,13 +131,13 @@ class _StepProgram:
     (network, optimizer settings, trainable set) in a process (`step_program`), so that runs in one process
     (a resumed run, a notebook) reuse its compiled programs."""
 
-    def __init__(self, network, optim: OptimConfig):
+    def __init__(self, network, optim: OptimConfig, precision: Precision):
         self.tx = None
         self._optim = optim
 
         def step(trainable, opt_state, frozen, batch):
             def loss_of(t):
-                return loss_fn(network, merge_params(t, frozen), batch)
+                return loss_fn(network, precision.compute_params(merge_params(t, frozen)), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
@@ -152,11 +159,16 @@ class _StepProgram:
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool) -> _StepProgram:
+def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool,
+                 remat: str = "none", precision: str = "fp32") -> _StepProgram:
+    """The step program of a network and optimizer; `dtype` is the loaded params' (the network computes in the
+    precision's compute dtype, which is `dtype` except under "mixed")."""
     from ..network import LlavaNetwork
 
     # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
-    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim)
+    prec = Precision(precision)
+    compute = dtype if precision == "fp32" else prec.compute_dtype
+    return _StepProgram(LlavaNetwork(config, compute, kernels, remat=remat), optim, prec)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -172,7 +184,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     if config is not None and kwargs:
         cfg = dataclasses.replace(config, **kwargs)
     start = time.monotonic()
-    model = _load_model(cfg.model)
+    model = _load_model(cfg.model, Precision(cfg.precision).load_dtype)
     from ..prompt import default_template
 
     template = stage_template(cfg.stage, cfg.template or default_template(model.config))
@@ -190,7 +202,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
     trainable, frozen = split_params(model.params, mask)
     program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage,
-                           cfg.train_vision_tower).bind(trainable)
+                           cfg.train_vision_tower, cfg.remat, cfg.precision).bind(trainable)
     compiled_before = program.compiled
     state = {"trainable": trainable, "opt_state": program.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}

@@ -117,3 +117,14 @@ def test_memory_bench_counts_what_each_remat_policy_keeps():
     assert per_token("tiny", "full", "fp32", seq=16) == width * 4
     assert per_token("tiny", "full", "mixed", seq=16) == width * 2
     assert per_token("tiny", "dots", "fp32", seq=16) > width * 4
+
+
+def test_unknown_settings_are_input_errors():
+    from llava_jax.errors import InputError
+    from llava_jax.train.trainer import TrainConfig
+
+    base = dict(stage="finetune", data="d.json", image_folder=".", output="out")
+    with pytest.raises(InputError, match="--precision must be one of fp32, mixed, bf16, got 'fp16'"):
+        TrainConfig(**base, precision="fp16")
+    with pytest.raises(InputError, match="--remat must be one of none, dots, full, got 'all'"):
+        TrainConfig(**base, remat="all")

@@ -50,15 +50,17 @@ def apply_rope(x, cos, sin):
 
 class DecoderLayer(nn.Module):
     """One decoder layer. `cache`: this layer's part of the KV cache (None: a prompt without a cache);
-    `write_index`: None for a prompt (causal attention over itself), else a decode step's first cache slot."""
+    `write_index`: None for a prompt (causal attention over itself), else a decode step's first cache slot.
+    differentiable: part of a training network (the kernels' differentiable set)."""
 
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     kernels: str = "reference"
+    differentiable: bool = False
 
     @nn.compact
     def __call__(self, x, rope, mask, cache=None, write_index=None):
-        cfg, dt, K = self.cfg, self.dtype, get_kernels(self.kernels)
+        cfg, dt, K = self.cfg, self.dtype, get_kernels(self.kernels, self.differentiable)
         batch, seq, width = x.shape
         hd = cfg.head_dim
         linear = lambda n, name, fan_in=width: Linear(n, use_bias=False, dtype=dt, name=name)(fan_in)  # noqa: E731
@@ -95,11 +97,13 @@ def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32) -> d
 
 
 class LlamaModel(nn.Module):
-    """Token embeddings, the decoder layers, the final norm and the lm_head."""
+    """Token embeddings, the decoder layers, the final norm and the lm_head. remat: None for inference, else a
+    training network's per-layer rematerialization policy (`llava_jax.remat`)."""
 
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     kernels: str = "reference"
+    remat: str | None = None
 
     def setup(self):
         cfg, dt = self.cfg, self.dtype
@@ -112,7 +116,7 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(cfg.vocab_size, use_bias=False, dtype=dt)
 
     def _layer(self) -> DecoderLayer:
-        return DecoderLayer(self.cfg, self.dtype, self.kernels, parent=None)
+        return DecoderLayer(self.cfg, self.dtype, self.kernels, self.remat is not None, parent=None)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -129,10 +133,11 @@ class LlamaModel(nn.Module):
         def run_layer(params, h, layer_cache):
             return layer.apply({"params": params}, h, rope, mask, layer_cache, write_index)
 
-        x, cache = get_kernels(self.kernels).scan_layers(run_layer, self.layers, embeds.astype(self.dtype), cache)
+        x, cache = get_kernels(self.kernels, self.remat is not None).scan_layers(
+            run_layer, self.layers, embeds.astype(self.dtype), cache, self.remat)
         return self.norm(x), cache
 
     def logits(self, hidden):
         """fp32 logits: accumulated in fp32, not rounded to a 16-bit param dtype."""
-        (out,) = get_kernels(self.kernels).project(hidden, [self.lm_head(self.cfg.hidden_size)])
+        (out,) = get_kernels(self.kernels, self.remat is not None).project(hidden, [self.lm_head(self.cfg.hidden_size)])
         return out

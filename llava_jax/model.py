@@ -169,7 +169,8 @@ class LlavaModel:
     def _loss_programs(self):
         from .train.loss import loss_fn
 
-        fn = functools.partial(loss_fn, self.network)
+        # a training network: the kernels' differentiable set (some inference tricks carry no gradient)
+        fn = functools.partial(loss_fn, LlavaNetwork(self.config, self.dtype, self.kernels, remat="none"))
         return jax.jit(fn), jax.jit(jax.value_and_grad(fn))
 
     def loss(self, input_ids, labels, pixel_values=None, image_sizes=None, attention_mask=None) -> float:

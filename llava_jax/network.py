@@ -54,19 +54,23 @@ def merge_image_features(embeds, features, feature_positions):
 
 
 class LlavaNetwork(nn.Module):
+    """remat: None (the default) for inference; a training network sets its per-layer rematerialization policy
+    ("none", "dots", "full": `llava_jax.remat`), which also picks the kernels' differentiable set."""
+
     config: LlavaConfig
     dtype: jnp.dtype = jnp.float32
     kernels: str = "reference"
+    remat: str | None = None
 
     def setup(self):
         cfg, dt = self.config, self.dtype
         self.vision_tower = CLIPVisionTower(cfg.vision, cfg.vision_layers_used, dt, self.kernels,
-                                            cfg.vision_feature_layers)
+                                            cfg.vision_feature_layers, self.remat)
         self.multi_modal_projector = Projector(cfg.projector_depth, cfg.text.hidden_size, cfg.projector_bias, dt,
                                                self.kernels, cfg.projector_hidden_act)
         if cfg.has_image_newline:
             self.image_newline = self.param("image_newline", nn.initializers.normal(1.0), (cfg.text.hidden_size,), dt)
-        self.language_model = LlamaModel(cfg.text, dt, self.kernels)
+        self.language_model = LlamaModel(cfg.text, dt, self.kernels, self.remat)
 
     def __call__(self, input_ids, attention_mask, positions, crops, feature_index, feature_positions):
         """Logits (batch, seq, vocab) in fp32 of a batch of prompts with their images (see the module

@@ -32,6 +32,13 @@ SHAPES = {
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
         pinpoints=PINPOINTS,
     ),
+    # llava-hf/llava-v1.6-34b-hf (Nous-Hermes-2-Yi-34B's decoder): about 34.8 B parameters.
+    "34b": dict(
+        vision=CLIP_L_336,
+        text=dict(vocab_size=64064, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
+                  num_attention_heads=56, num_key_value_heads=8, max_position_embeddings=4096),
+        pinpoints=PINPOINTS,
+    ),
     # a toy with the same structure, for tests: 56-pixel crops of 4x4 patches
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

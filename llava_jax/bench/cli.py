@@ -115,6 +115,12 @@ def cmd_bench(args) -> int:
     if args.make_checkpoint:
         make_checkpoint(args.make_checkpoint, args.shape, args.checkpoint_dtype, seed=args.seed, log=log)
         return 0
+    if args.train_memory:
+        from .train_memory import MemoryBench, format_table, train_memory_table
+
+        result = train_memory_table(MemoryBench(shape=args.shape, rows=args.batch, kernels=args.kernels))
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
+        return 0
     result = run_load_bench(args) if args.load_only else run_bench(args)
     if args.json or args.train_step:
         print(json.dumps(result, indent=2))
@@ -148,8 +154,12 @@ def add_bench_parser(subparsers, add_model_args) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--train-step", action="store_true", help="time a fine-tuning step (loss, backward, AdamW; "
                    "fp32, vision tower frozen) instead of generation; prints JSON: tokens/s and peak RSS per side")
+    p.add_argument("--train-memory", action="store_true", help="the train step's memory per setting (--remat x "
+                   "--precision, and --grad-accum) from the compiled program's memory analysis, nothing allocated: "
+                   "--shape's decoder cut to 2 layers, --batch rows of 256 tokens; prints a Markdown table")
     p.add_argument("--make-checkpoint", metavar="DIR", help="write a random-weight benchmark checkpoint and exit")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllava", help="with --make-checkpoint")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllava",
+                   help="with --make-checkpoint or --train-memory")
     p.add_argument("--checkpoint-dtype", choices=["bfloat16", "float16", "float32"], default="float16",
                    help="with --make-checkpoint: the stored dtype (default float16, as llava-hf publishes)")
     p.add_argument("--seed", type=int, default=0, help="with --make-checkpoint")

@@ -45,22 +45,23 @@ def resolve_kernels(name: str | None) -> str:
 
 
 @functools.cache
-def get_kernels(name: str) -> Kernels:
-    """The `Kernels` object of a named set (imported on first use: only the chosen backend's code loads)."""
+def get_kernels(name: str, differentiable: bool = False) -> Kernels:
+    """The `Kernels` object of a named set (imported on first use: only the chosen backend's code loads);
+    differentiable: the variant a training network uses (see `Kernels`)."""
     name = resolve_kernels(name)
     if name == "reference":
-        return Kernels()
+        return Kernels(differentiable)
     if name == "xla_cpu":
         from .xla_cpu import XlaCpuKernels
 
-        return XlaCpuKernels()
+        return XlaCpuKernels(differentiable)
     if name == "gpu":
         from .gpu import GpuKernels
 
-        return GpuKernels()
+        return GpuKernels(differentiable)
     from .tpu import TpuKernels
 
-    return TpuKernels()
+    return TpuKernels(differentiable)
 
 
 __all__ = ["KERNEL_SETS", "Kernels", "KernelsError", "default_kernels", "get_kernels", "resolve_kernels"]

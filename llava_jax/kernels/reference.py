@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..remat import rematerialized
+
 # A finite minimum rather than -inf for masked scores: a query row with no visible key (left padding) then
 # averages uniformly instead of producing NaN; such rows are never read.
 MASKED = jnp.finfo(jnp.float32).min
@@ -20,9 +22,15 @@ def matmul_fp32(x, kernel):
 
 
 class Kernels:
-    """The backend seam. Arrays in, arrays out; no parameters of its own."""
+    """The backend seam. Arrays in, arrays out; no parameters of its own.
+
+    differentiable: the set a training network uses (`get_kernels(name, differentiable=True)`): a backend whose
+    inference tricks block gradients (integer views of 16-bit weights) leaves them out."""
 
     name = "reference"
+
+    def __init__(self, differentiable: bool = False):
+        self.differentiable = differentiable
 
     def project(self, x, weights):
         """Several linear maps of one input: `weights` [(kernel (in, out), bias (out,) or None), ...] ->
@@ -59,9 +67,11 @@ class Kernels:
         values = write_rows(cache["v"], v, index, batch_axis=0)
         return keys, values, {"k": keys, "v": values}
 
-    def scan_layers(self, layer, layers, carry, per_layer=None):
+    def scan_layers(self, layer, layers, carry, per_layer=None, remat: str | None = None):
         """Run `layer(params_i, carry, per_layer_i) -> (carry, out_i)` over layer params stacked on axis 0 (and
-        `per_layer` inputs stacked likewise, e.g. the KV cache); returns (carry, outs stacked)."""
+        `per_layer` inputs stacked likewise, e.g. the KV cache); returns (carry, outs stacked). remat: the
+        per-layer rematerialization policy of a training network (`llava_jax.remat`; None: inference)."""
+        layer = rematerialized(layer, remat)
         return jax.lax.scan(lambda c, xs: layer(xs[0], c, xs[1]), carry, (layers, per_layer))
 
     def prepare(self, params, program: str):

@@ -8,7 +8,9 @@ the reference set. The tricks:
   block by block, skipping keys past each block (`attention`); a decode step as block-diagonal matmuls over the
   cache in place (`one_query_attention`);
 - 16-bit KV caches updated through uint16 views (`write_cache`);
-- 16-bit stacked weights scanned as uint16 views (`prepare("scan")` + `scan_layers`);
+- 16-bit stacked weights scanned as uint16 views (`prepare("scan")` + `scan_layers`), and 16-bit kernels
+  concatenated as uint16 (`project`): neither in the differentiable set a training network uses (no gradient
+  flows through an integer view);
 - the decode loop unrolled over per-layer views of the stacked weights, writing straight into the stacked cache
   (`prepare("decode")` + `scan_layers` + `write_cache`).
 """
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..remat import rematerialized
 from .reference import MASKED, Kernels, causal_mask, write_rows
 
 
@@ -86,7 +89,7 @@ class XlaCpuKernels(Kernels):
         if len(weights) == 1 or math.prod(x.shape[:-1]) == 1:
             return [matmul_fp32(x, k) + (0 if b is None else b.astype(jnp.float32)) for k, b in weights]
         kernels = [k for k, _ in weights]
-        if _is_16bit_float(kernels[0]):  # concatenated as uint16: XLA:CPU widens a 16-bit float concat to fp32
+        if _is_16bit_float(kernels[0]) and not self.differentiable:  # (uint16 carries no gradient)  # concatenated as uint16: XLA:CPU widens a 16-bit float concat to fp32
             kernel = jax.lax.bitcast_convert_type(jnp.concatenate(to_bits(kernels), axis=1), kernels[0].dtype)
         else:
             kernel = jnp.concatenate(kernels, axis=1)
@@ -121,12 +124,16 @@ class XlaCpuKernels(Kernels):
         cv = write_rows(cache["v"], v, index, 0, update_slice)
         return ck, cv, {"k": ck, "v": cv}
 
-    def scan_layers(self, layer, layers, carry, per_layer=None):
+    def scan_layers(self, layer, layers, carry, per_layer=None, remat: str | None = None):
         """Per-layer params (a list, from `prepare("decode")`): the layers unrolled, each reading its own weights
         where they lie and writing the stacked cache in place. Stacked params: a scan over uint16 views of the
         16-bit stacks (slicing a layer out of a 16-bit float stack makes XLA:CPU convert the whole stack to fp32
         first, hoisted out of the loop: a hidden fp32 copy of every weight). Leaves that `prepare("scan")`
-        already viewed as uint16 are restored to the activations' dtype (params and activations share it)."""
+        already viewed as uint16 are restored to the activations' dtype (params and activations share it).
+        A differentiable set scans the float stacks as they are: a uint16 view carries no gradient."""
+        if self.differentiable:
+            return super().scan_layers(layer, layers, carry, per_layer, remat)
+        layer = rematerialized(layer, remat)
         if isinstance(layers, list | tuple):
             for i, params in enumerate(layers):
                 slot = None if per_layer is None else StackedCacheSlot(per_layer, i)

@@ -44,6 +44,12 @@ def register(sub, add_model_args) -> None:
                    help="device mesh for params, optimizer state and batches, e.g. data=2,model=4 (one size may be "
                    "-1: the rest); 'auto' (default): every device, as at inference; 'none': one device")
     t.add_argument("--fsdp", action="store_true", help="also shard params and optimizer state over the data axis")
+    t.add_argument("--remat", choices=["none", "dots", "full"], default="none",
+                   help="per-layer rematerialization: none (keep all activations), dots (keep the weight matmuls' "
+                   "outputs, recompute the rest), full (keep each layer's input only)")
+    t.add_argument("--precision", choices=["fp32", "mixed", "bf16"], default="fp32",
+                   help="fp32; mixed: fp32 master params and optimizer state, bf16 compute; bf16: bf16 params and "
+                   "optimizer state")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     register_export(sub)
@@ -66,7 +72,8 @@ def cmd_train(args) -> int:
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                          seed=args.seed, save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
                          truncate=args.truncate, train_vision_tower=args.train_vision_tower,
-                         vision_lr=args.vision_lr, progress=not args.quiet, mesh=args.mesh, fsdp=args.fsdp)
+                         vision_lr=args.vision_lr, remat=args.remat, precision=args.precision,
+                         progress=not args.quiet, mesh=args.mesh, fsdp=args.fsdp)
     try:
         result = train(config)
     except KeyboardInterrupt:

@@ -38,18 +38,22 @@ import optax
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..remat import check_remat
 from ..sharding import to_host
 from .checkpoints import TrainCheckpoints, write_model
 from .collate import Collator, tokenize_examples
 from .loss import loss_fn
 from .optim import STAGES, OptimConfig, current_lr, make_optimizer, merge_params, split_params, trainable_mask
+from .precision import Precision
 from .sharded import ShardedFeed, TrainSharding, scalar
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
 # Settings a resumed run must share with the run it continues (else its data order or schedule differ).
 RESUME_KEYS = ("stage", "data", "image_folder", "template", "lr", "warmup_ratio", "weight_decay", "batch_size",
-               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad")
+               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad",
+               "precision")
+RESUME_DEFAULTS = {"precision": "fp32"}  # settings added later: what a checkpoint written before them ran with
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class TrainConfig:
     truncate: bool = False
     train_vision_tower: bool = False
     vision_lr: float | None = None
+    remat: str = "none"  # per-layer rematerialization: none, dots, full (`llava_jax.remat`)
+    precision: str = "fp32"  # fp32, mixed, bf16 (`precision.py`)
     progress: bool = True
     mesh: str | None = None  # a (data, model) mesh ("data=2,model=4", "auto"; see `sharded.py`); None: one device
     fsdp: bool = False  # with a mesh: also split params and optimizer state over `data` (sharding.FSDP_RULES)
@@ -99,6 +105,8 @@ class TrainConfig:
             raise InputError("--vision-lr needs --train-vision-tower")
         if self.fsdp and self.mesh is None:
             raise InputError("--fsdp needs --mesh")
+        check_remat(self.remat)
+        Precision(self.precision)
 
     @property
     def learning_rate(self) -> float:
@@ -120,14 +128,14 @@ class TrainResult:
     param_specs: dict = field(default_factory=dict)  # on a mesh: param path -> PartitionSpec (as a tuple)
 
 
-def _load_model(path: str | None, mesh: str | None = None, fsdp: bool = False):
+def _load_model(path: str | None, mesh: str | None = None, fsdp: bool = False, dtype: str = "float32"):
     import llava_jax
 
     if path is None:
         from ..default_model import default_model_dir
 
         path = str(default_model_dir())
-    return llava_jax.load(path, mesh=mesh, fsdp=fsdp)  # params placed by the rule table when there is a mesh
+    return llava_jax.load(path, dtype=dtype, mesh=mesh, fsdp=fsdp)  # params placed by the rule table on a mesh
 
 
 class _StepProgram:
@@ -136,14 +144,14 @@ class _StepProgram:
     (a resumed run, a notebook) reuse its compiled programs. On a mesh (`placement`) the step has explicit
     shardings and donates the train state (`sharded.TrainSharding.step_jit`)."""
 
-    def __init__(self, network, optim: OptimConfig, placement: TrainSharding | None = None):
+    def __init__(self, network, optim: OptimConfig, precision: Precision, placement: TrainSharding | None = None):
         self.tx = None
         self._optim = optim
         self.placement = placement
 
         def step(trainable, opt_state, frozen, batch):
             def loss_of(t):
-                return loss_fn(network, merge_params(t, frozen), batch)
+                return loss_fn(network, precision.compute_params(merge_params(t, frozen)), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
             if placement is not None:  # gradients laid out like their params (with FSDP: reduce-scattered)
@@ -174,13 +182,17 @@ class _StepProgram:
 
 @functools.lru_cache(maxsize=8)
 def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool,
-                 mesh=None, fsdp: bool = False) -> _StepProgram:
+                 remat: str = "none", precision: str = "fp32", mesh=None, fsdp: bool = False) -> _StepProgram:
+    """The step program of a network and optimizer; `dtype` is the loaded params' (the network computes in the
+    precision's compute dtype, which is `dtype` except under "mixed")."""
     from ..network import LlavaNetwork
     from ..sharding import ShardingRules
 
     # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
     placement = None if mesh is None else TrainSharding(ShardingRules.create(mesh, config, fsdp))
-    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim, placement)
+    prec = Precision(precision)
+    compute = dtype if precision == "fp32" else prec.compute_dtype
+    return _StepProgram(LlavaNetwork(config, compute, kernels, remat=remat), optim, prec, placement)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -196,7 +208,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     if config is not None and kwargs:
         cfg = dataclasses.replace(config, **kwargs)
     start = time.monotonic()
-    model = _load_model(cfg.model, cfg.mesh, cfg.fsdp)
+    model = _load_model(cfg.model, cfg.mesh, cfg.fsdp, Precision(cfg.precision).load_dtype)
     from ..prompt import default_template
 
     template = stage_template(cfg.stage, cfg.template or default_template(model.config))
@@ -214,7 +226,7 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
     trainable, frozen = split_params(model.params, mask)
     program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage, cfg.train_vision_tower,
-                           model.mesh, cfg.fsdp).bind(trainable, frozen)
+                           cfg.remat, cfg.precision, model.mesh, cfg.fsdp).bind(trainable, frozen)
     placement = program.placement
     if placement is not None:
         placement.check_batch_size(cfg.batch_size)
@@ -231,10 +243,11 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     micro = 0
     if cfg.resume:
         state, record = checkpoints.restore(state)
-        changed = [k for k in RESUME_KEYS if record["settings"].get(k) != settings[k]]
+        saved = {k: record["settings"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+        changed = [k for k in RESUME_KEYS if saved[k] != settings[k]]
         if changed:
             raise InputError("--resume: these settings differ from the run being resumed: "
-                             + ", ".join(f"{k} ({record['settings'].get(k)!r} -> {settings[k]!r})" for k in changed))
+                             + ", ".join(f"{k} ({saved[k]!r} -> {settings[k]!r})" for k in changed))
         micro = record["micro_step"]
         _truncate_metrics(metrics_path, micro // cfg.grad_accum)
     elif os.path.exists(metrics_path):

@@ -10,6 +10,10 @@ model's conversation template); the vision tower stays frozen unless `train_visi
 One train step (loss, gradients of the trainable params only, clip, AdamW; see `optim.py`) is one jitted
 program per batch shape bucket (`collate.py`).
 
+LoRA (`lora_r`, see `lora.py`): adapters on the language model's linear layers, trained with the projector;
+the rest is frozen. The model written at the end has the adapters merged into its weights, and OUT/adapter
+holds the adapters (and projector) alone.
+
 Data order: epoch e visits the examples in `numpy.random.default_rng([seed, e]).permutation(n)`, in batches
 of `batch_size` (the last one filled with dummy rows), so the micro-step counter is the data position and a
 resumed run (`resume=True`: the newest checkpoint in OUT/checkpoints) sees exactly the batches the
@@ -37,6 +41,17 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from .checkpoints import TrainCheckpoints, write_model
 from .collate import Collator, tokenize_examples
+from .lora import (
+    ADAPTER_DIR,
+    LoraConfig,
+    add_adapters,
+    count_params,
+    for_network,
+    merge,
+    save_adapter,
+    trainable_summary,
+)
+from .lora import trainable_mask as lora_trainable_mask
 from .loss import loss_fn
 from .optim import STAGES, OptimConfig, current_lr, make_optimizer, merge_params, split_params, trainable_mask
 
@@ -44,7 +59,8 @@ METRICS_FILE = "metrics.jsonl"
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
 # Settings a resumed run must share with the run it continues (else its data order or schedule differ).
 RESUME_KEYS = ("stage", "data", "image_folder", "template", "lr", "warmup_ratio", "weight_decay", "batch_size",
-               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad")
+               "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad",
+               "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,10 @@ class TrainConfig:
     truncate: bool = False
     train_vision_tower: bool = False
     vision_lr: float | None = None
+    lora_r: int | None = None  # LoRA rank; None: no LoRA (see lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: lora.DEFAULT_TARGETS
     progress: bool = True
 
     def __post_init__(self):
@@ -90,6 +110,17 @@ class TrainConfig:
             raise InputError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.vision_lr is not None and not self.train_vision_tower:
             raise InputError("--vision-lr needs --train-vision-tower")
+        if self.lora_r is not None:
+            self.lora  # noqa: B018 (checks the LoRA settings)
+            if self.stage != "finetune":
+                raise InputError("--lora-r needs --stage finetune (LoRA adapts the language model)")
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        if self.lora_r is None:
+            return None
+        targets = {} if self.lora_targets is None else {"targets": tuple(self.lora_targets)}
+        return LoraConfig(self.lora_r, self.lora_alpha, self.lora_dropout, **targets)
 
     @property
     def learning_rate(self) -> float:
@@ -107,6 +138,8 @@ class TrainResult:
     seconds: float = 0.0
     compiled_programs: int = 0
     interrupted: bool = False
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 def _load_model(path: str | None):
@@ -122,15 +155,16 @@ def _load_model(path: str | None):
 class _StepProgram:
     """The jitted train step: loss and gradients of the trainable params, then the optimizer update. Made once per
     (network, optimizer settings, trainable set) in a process (`step_program`), so that runs in one process
-    (a resumed run, a notebook) reuse its compiled programs."""
+    (a resumed run, a notebook) reuse its compiled programs. `key`: the micro-step's dropout key (LoRA)."""
 
-    def __init__(self, network, optim: OptimConfig):
+    def __init__(self, network, optim: OptimConfig, lora: LoraConfig | None = None):
         self.tx = None
         self._optim = optim
 
-        def step(trainable, opt_state, frozen, batch):
+        def step(trainable, opt_state, frozen, batch, key):
             def loss_of(t):
-                return loss_fn(network, merge_params(t, frozen), batch)
+                params = merge_params(t, frozen)
+                return loss_fn(network, params if lora is None else for_network(params, lora, key), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
             updates, opt_state = self.tx.update(grads, opt_state, trainable)
@@ -152,11 +186,12 @@ class _StepProgram:
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool) -> _StepProgram:
+def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool,
+                 lora: LoraConfig | None = None) -> _StepProgram:
     from ..network import LlavaNetwork
 
-    # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
-    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim)
+    # stage, train_vision_tower and lora key the cache: they decide the trainable tree the optimizer is built for
+    return _StepProgram(LlavaNetwork(config, dtype, kernels), optim, lora)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -187,10 +222,19 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     optim = OptimConfig(lr=cfg.learning_rate, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio,
                         weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                         vision_lr=cfg.vision_lr if cfg.train_vision_tower else None)
-    mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
-    trainable, frozen = split_params(model.params, mask)
+    lora = cfg.lora
+    if lora is None:
+        params = model.params
+        mask = trainable_mask(params, cfg.stage, cfg.train_vision_tower)
+    else:
+        params = add_adapters(model.params, lora, cfg.seed)
+        mask = lora_trainable_mask(params, cfg.train_vision_tower)
+    trainable, frozen = split_params(params, mask)
+    counts = count_params(trainable), count_params(params)
+    if cfg.progress:
+        tqdm.write(trainable_summary(*counts))
     program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage,
-                           cfg.train_vision_tower).bind(trainable)
+                           cfg.train_vision_tower, lora).bind(trainable)
     compiled_before = program.compiled
     state = {"trainable": trainable, "opt_state": program.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
@@ -211,7 +255,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
         os.remove(metrics_path)
 
     collate = Collator.for_examples(model, items, cfg.batch_size, cfg.max_length)
-    result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped)
+    result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped,
+                         trainable_params=counts[0], total_params=counts[1])
 
     def record_now() -> dict:
         epoch, index = divmod(micro, per_epoch)
@@ -230,8 +275,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                 epoch, index = divmod(micro, per_epoch)
                 order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
                 batch = collate([items[i] for i in order[index * cfg.batch_size: (index + 1) * cfg.batch_size]])
-                trainable, opt_state, loss, grad_norm = program.run(state["trainable"], state["opt_state"],
-                                                                    frozen, batch)
+                trainable, opt_state, loss, grad_norm = program.run(
+                    state["trainable"], state["opt_state"], frozen, batch, jax.random.fold_in(state["key"], micro))
                 state = {"trainable": trainable, "opt_state": opt_state, "key": state["key"]}
                 micro += 1
                 window_loss.append(float(loss))
@@ -266,7 +311,11 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     bar.close()
     save()
     checkpoints.close()
-    write_model(cfg.output, merge_params(state["trainable"], frozen), model.config, model.path)
+    params = merge_params(state["trainable"], frozen)
+    if lora is not None:
+        save_adapter(os.path.join(cfg.output, ADAPTER_DIR), state["trainable"], lora)
+        params = merge(params, lora)
+    write_model(cfg.output, params, model.config, model.path)
     result.seconds = time.monotonic() - start
     result.compiled_programs = program.compiled - compiled_before
     return result

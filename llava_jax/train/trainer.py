@@ -238,6 +238,9 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     compiled_before = program.compiled
     state = {"trainable": trainable, "opt_state": program.init(trainable), "key": jax.random.PRNGKey(cfg.seed)}
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
+    lora_settings = {} if lora is None else {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                                             "lora_targets": list(lora.targets)}  # as the JSON record holds them
+    settings |= {k: lora_settings.get(k) for k in ("lora_alpha", "lora_dropout", "lora_targets")}
 
     os.makedirs(cfg.output, exist_ok=True)
     checkpoints = TrainCheckpoints(cfg.output)

@@ -210,7 +210,7 @@ def load_adapter(directory: str, params) -> tuple[dict, LoraConfig]:
         raise CheckpointError(f"{directory}: no {ADAPTER_FILE} (not a saved LoRA adapter)")
     saved = {ref.name: ref for ref in read_header(path)}
     tree = add_adapters(params, cfg)  # the shapes and dtypes the saved tensors must have
-    expected = _flat(trainable_split(tree))
+    expected = _flat(trainable_split(tree, train_vision_tower=True))  # the tower: from a --train-vision-tower run
     missing = sorted(set(n for n in expected if n.startswith("language_model/")) - set(saved))
     unknown = sorted(set(saved) - set(expected))
     if missing or unknown:

@@ -240,8 +240,8 @@ def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: boo
     directory is loaded in float32 unless dtype is given). force: replace an existing export (a directory
     holding other files is refused). The directory is built next to `out_dir` and renamed into place: a failure
     leaves nothing there. adapter: a saved LoRA adapter directory (`train.lora.save_adapter`, OUT/adapter of a
-    LoRA run) to merge into the weights first. Returns the absolute output path. CheckpointError for a model llava-hf cannot
-    express (`check_exportable`).
+    LoRA run) to merge into the weights first. Returns the absolute output path. CheckpointError for a model
+    llava-hf cannot express (`check_exportable`).
     """
     from tqdm import tqdm
 

@@ -82,6 +82,7 @@ def cmd_train(args) -> int:
     for message in result.skipped:
         print(f"llava-jax: skipped {message}", file=sys.stderr)
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-    print(f"trained {result.steps} steps ({result.trainable_params:,} of {result.total_params:,} params trainable) in {result.seconds:.1f} s ({result.compiled_programs} step programs "
-          f"compiled){last}; model in {result.output}")
+    print(f"trained {result.steps} steps ({result.trainable_params:,} of {result.total_params:,} params trainable) "
+          f"in {result.seconds:.1f} s ({result.compiled_programs} step programs compiled){last}; model in "
+          f"{result.output}")
     return 0

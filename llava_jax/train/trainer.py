@@ -91,7 +91,7 @@ class TrainConfig:
     lora_r: int | None = None  # LoRA rank; None: no LoRA (see lora.py)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] | None = None  # None: lora.DEFAULT_TARGETS
+    lora_targets: tuple[str, ...] | str | None = None  # names or "q_proj,v_proj"; None: lora.DEFAULT_TARGETS
     progress: bool = True
 
     def __post_init__(self):
@@ -119,7 +119,10 @@ class TrainConfig:
     def lora(self) -> LoraConfig | None:
         if self.lora_r is None:
             return None
-        targets = {} if self.lora_targets is None else {"targets": tuple(self.lora_targets)}
+        targets = self.lora_targets
+        if isinstance(targets, str):
+            targets = LoraConfig.parse_targets(targets)
+        targets = {} if targets is None else {"targets": tuple(targets)}
         return LoraConfig(self.lora_r, self.lora_alpha, self.lora_dropout, **targets)
 
     @property

@@ -15,6 +15,7 @@ moves the compared numbers by more than 1e-2):
 
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -213,15 +214,16 @@ def test_saved_adapter_merged_export_loads_in_transformers(case):
 def test_lora_run_trains_only_adapters_and_projector(tmp_path, capsys):
     """`llava-jax train --lora-r 2 --lora-targets q_proj,v_proj,down_proj`: the trainable count is the adapters'
     plus the projector's (printed); the written model differs from the base only in the targeted kernels (by
-    the merged adapters) and the projector, bit for bit elsewhere; OUT/adapter on the base gives that model."""
+    the merged adapters) and the projector, bit for bit elsewhere; OUT/adapter on the base gives that model; and
+    a run resumed from the step-1 checkpoint repeats step 2 bit for bit (its dropout masks included)."""
     base_dir = str(write_small_model(tmp_path / "base"))
     data, images = write_data(tmp_path, 4, two_sizes=False)  # one batch shape: one step program
     out = tmp_path / "out"
     targets = ("q_proj", "v_proj", "down_proj")
-    assert cli.main(["train", "--model", base_dir, "--data", data, "--image-folder", images, "--output", str(out),
-                     "--stage", "finetune", "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "2",
-                     "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", ",".join(targets),
-                     "--quiet"]) == 0
+    flags = ["train", "--model", base_dir, "--data", data, "--image-folder", images, "--output", str(out),
+             "--stage", "finetune", "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--lora-r", "2",
+             "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", ",".join(targets), "--quiet"]
+    assert cli.main([*flags, "--save-every", "1"]) == 0
     printed = capsys.readouterr().out
 
     base = llava_jax.load(base_dir, mesh=None)
@@ -246,6 +248,19 @@ def test_lora_run_trains_only_adapters_and_projector(tmp_path, capsys):
                             jax.tree_util.tree_leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["targets"] == list(targets)
+
+    def steps():
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in lines]
+
+    whole = steps()
+    shutil.rmtree(out / "checkpoints" / "2")  # back to the state after step 1
+    assert cli.main([*flags, "--resume"]) == 0
+    assert steps() == whole
+    resumed = llava_jax.load(str(out), mesh=None)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(trained.params),
+                            jax.tree_util.tree_leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("flags, message", [

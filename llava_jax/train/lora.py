@@ -88,17 +88,29 @@ def _with_layers(params, layers: dict) -> dict:
     return {**params, "language_model": {**params["language_model"], "layers": layers}}
 
 
+def _adapter_shapes(params, cfg: LoraConfig) -> dict:
+    """{target: {"lora_a": (L, in, r), "lora_b": (L, r, out)} as ShapeDtypeStructs in the kernel's dtype}."""
+    out = {}
+    for name in cfg.targets:
+        kernel = _layers(params)[name]["kernel"]
+        count, fan_in, fan_out = kernel.shape
+        out[name] = {"lora_a": jax.ShapeDtypeStruct((count, fan_in, cfg.r), kernel.dtype),
+                     "lora_b": jax.ShapeDtypeStruct((count, cfg.r, fan_out), kernel.dtype)}
+    return out
+
+
 def add_adapters(params, cfg: LoraConfig, seed: int = 0) -> dict:
     """`params` with fresh adapters on the targeted maps: lora_a uniform in +-1/sqrt(in) (peft's kaiming-uniform
-    init with a = sqrt(5)), lora_b zeros; in the kernels' dtype."""
+    init with a = sqrt(5)), lora_b zeros; in the kernels' dtype. Drawn on the host with numpy (jax's threefry
+    would compile a program per shape, seconds each on a CPU)."""
+    rng = np.random.default_rng(seed)
     layers = dict(_layers(params))
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(cfg.targets))
-    for key, name in zip(keys, cfg.targets, strict=True):
-        kernel = layers[name]["kernel"]
-        count, fan_in, fan_out = kernel.shape
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(key, (count, fan_in, cfg.r), jnp.float32, -bound, bound).astype(kernel.dtype)
-        layers[name] = {**layers[name], "lora_a": a, "lora_b": jnp.zeros((count, cfg.r, fan_out), kernel.dtype)}
+    for name, shapes in _adapter_shapes(params, cfg).items():
+        a, b = shapes["lora_a"], shapes["lora_b"]
+        bound = 1.0 / math.sqrt(a.shape[1])
+        layers[name] = {**layers[name],
+                        "lora_a": jnp.asarray(rng.uniform(-bound, bound, a.shape).astype(np.float32), a.dtype),
+                        "lora_b": jnp.asarray(np.zeros(b.shape, np.float32), b.dtype)}
     return _with_layers(params, layers)
 
 
@@ -143,16 +155,21 @@ def merge(params, cfg: LoraConfig) -> dict:
     """A plain param tree: every adapter folded into its kernel, W + (alpha / r) A B (computed in fp32, rounded
     once to the kernel's dtype), the lora leaves removed."""
     layers = dict(_layers(params))
-    for name, entry in list(layers.items()):
-        if not isinstance(entry, dict) or "lora_a" not in entry:
-            continue
-        entry = dict(entry)
-        a, b, kernel = entry.pop("lora_a"), entry.pop("lora_b"), entry["kernel"]
-        delta = jnp.einsum("lir,lro->lio", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-        entry["kernel"] = (jnp.asarray(kernel, jnp.float32) + cfg.scale * delta).astype(kernel.dtype)
-        layers[name] = entry
+    adapted = {name: entry for name, entry in layers.items() if isinstance(entry, dict) and "lora_a" in entry}
+    for name, kernel in _merged_kernels(adapted, cfg.scale).items():
+        layers[name] = {k: v for k, v in layers[name].items() if k not in ADAPTER_LEAVES} | {"kernel": kernel}
     return _with_layers(params, layers)
+
+
+@jax.jit
+def _merged_kernels(adapted: dict, scale):
+    """{name: kernel + scale * lora_a @ lora_b} for {name: {kernel, lora_a, lora_b}} (one program for all)."""
+    out = {}
+    for name, entry in adapted.items():
+        a, b, kernel = (jnp.asarray(entry[k], jnp.float32) for k in ("lora_a", "lora_b", "kernel"))
+        delta = jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
+        out[name] = (kernel + scale * delta).astype(entry["kernel"].dtype)
+    return out
 
 
 def count_params(tree) -> int:
@@ -209,8 +226,13 @@ def load_adapter(directory: str, params) -> tuple[dict, LoraConfig]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: no {ADAPTER_FILE} (not a saved LoRA adapter)")
     saved = {ref.name: ref for ref in read_header(path)}
-    tree = add_adapters(params, cfg)  # the shapes and dtypes the saved tensors must have
-    expected = _flat(trainable_split(tree, train_vision_tower=True))  # the tower: from a --train-vision-tower run
+    layers = dict(_layers(params))
+    for name, shapes in _adapter_shapes(params, cfg).items():  # placeholders, each replaced by a saved tensor
+        layers[name] = {**layers[name], **shapes}
+    tree = _with_layers(params, layers)
+    # the shapes the saved tensors must have (the vision tower: saved by a --train-vision-tower run)
+    expected = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(trainable_split(tree, train_vision_tower=True))}
     missing = sorted(set(n for n in expected if n.startswith("language_model/")) - set(saved))
     unknown = sorted(set(saved) - set(expected))
     if missing or unknown:

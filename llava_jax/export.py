@@ -231,7 +231,7 @@ def export_foreign_entries(path: str) -> list[str]:
 
 
 def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: bool = False,
-                      progress: bool = True) -> str:
+                      progress: bool = True, adapter: str | None = None) -> str:
     """Write a llava-hf checkpoint of `src` (a `LlavaModel`, or a checkpoint directory `llava_jax.load` reads)
     into `out_dir`: `model.safetensors`, `config.json`, and the tokenizer, processor and generation files of
     the source directory. `transformers`' `from_pretrained(out_dir)` then computes the model's logits.
@@ -239,8 +239,9 @@ def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: boo
     dtype: the tensors' dtype ("float32", "bfloat16", "float16"; default: the model's params' dtype; a
     directory is loaded in float32 unless dtype is given). force: replace an existing export (a directory
     holding other files is refused). The directory is built next to `out_dir` and renamed into place: a failure
-    leaves nothing there. Returns the absolute output path. CheckpointError for a model llava-hf cannot
-    express (`check_exportable`).
+    leaves nothing there. adapter: a saved LoRA adapter directory (`train.lora.save_adapter`, OUT/adapter of a
+    LoRA run) to merge into the weights first. Returns the absolute output path. CheckpointError for a model
+    llava-hf cannot express (`check_exportable`).
     """
     from tqdm import tqdm
 
@@ -253,6 +254,10 @@ def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: boo
     check_destination(out_dir, force, export_foreign_entries)  # before loading anything
     model = src if isinstance(src, LlavaModel) else load(str(src), dtype=dtype or "float32", mesh=None)
     check_exportable(model.config)
+    if adapter is not None:
+        from .train.lora import apply_adapter
+
+        model = apply_adapter(model, adapter)
     target = np.dtype(resolve_dtype(dtype)) if dtype else np.dtype(model.dtype)
     tensors = export_hf_state_dict(model.params, model.config)
     vh = model.config.vision.hidden_size
@@ -276,7 +281,8 @@ def export_checkpoint(src, out_dir: str, *, dtype: str | None = None, force: boo
 
 
 def cmd_export(args) -> int:
-    out = export_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    out = export_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet,
+                            adapter=args.adapter)
     print(f"wrote the llava-hf checkpoint {out} (transformers: LlavaForConditionalGeneration / "
           "LlavaNextForConditionalGeneration.from_pretrained)")
     return 0
@@ -293,5 +299,7 @@ def register_export(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written tensors (default float32)")
     p.add_argument("--force", action="store_true", help="replace an existing export in OUT")
+    p.add_argument("--adapter", help="a saved LoRA adapter directory (OUT/adapter of a LoRA run) to merge into "
+                   "SRC's weights (a LoRA run's OUT already holds them merged)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)

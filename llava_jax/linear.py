@@ -35,3 +35,31 @@ def stacked_layers(module: nn.Module, name: str, layer: nn.Module, count: int, *
         return jax.vmap(lambda k: layer.init(k, *example_args)["params"])(keys)
 
     return module.param(name, init)
+
+
+def adapter_of(module: nn.Module, name: str):
+    """The low-rank adapter the param tree holds for `module`'s child `name` (its `lora` entry: see
+    `add_low_rank`), or None: the tree of a plain model has none."""
+    child = module.variables.get("params", {}).get(name, {})
+    return child.get("lora") if hasattr(child, "get") else None
+
+
+def add_low_rank(x, outputs, adapters):
+    """`outputs[i] + dropout(x) @ a_i @ b_i` for each adapter {"a": (in, r), "b": (r, out)} that is not None
+    (LoRA; `b` already carries the alpha / r scale); fp32 like `Kernels.project`'s outputs.
+
+    An adapter may carry {"dropout": {"key": PRNG key, "rate": scalar}}: its input is then dropped out as
+    torch's Dropout does (zeroed with probability rate, the rest scaled by 1 / (1 - rate)), with its own mask."""
+    out = []
+    for y, adapter in zip(outputs, adapters, strict=True):
+        if adapter is None:
+            out.append(y)
+            continue
+        a, b, h = adapter["a"], adapter["b"], x
+        if "dropout" in adapter:
+            rate = adapter["dropout"]["rate"]
+            keep = jax.random.bernoulli(adapter["dropout"]["key"], 1.0 - rate, h.shape)
+            h = jnp.where(keep, h / (1.0 - rate).astype(h.dtype), jnp.zeros((), h.dtype))
+        low = jnp.matmul(h.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(b.dtype)
+        out.append(y + jnp.matmul(low, b, preferred_element_type=jnp.float32))
+    return out

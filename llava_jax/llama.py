@@ -18,7 +18,7 @@ import numpy as np
 from .activations import activation
 from .config import TextConfig
 from .kernels import get_kernels
-from .linear import Linear, stacked_layers
+from .linear import Linear, adapter_of, add_low_rank, stacked_layers
 
 
 class RMSNorm(nn.Module):
@@ -65,9 +65,13 @@ class DecoderLayer(nn.Module):
         hd = cfg.head_dim
         linear = lambda n, name, fan_in=width: Linear(n, use_bias=False, dtype=dt, name=name)(fan_in)  # noqa: E731
 
+        def project(x, *maps):  # maps: (features, name[, fan_in]); LoRA adapters, where the params hold any, added
+            outs = K.project(x, [linear(*m) for m in maps])
+            return add_low_rank(x, outs, [adapter_of(self, m[1]) for m in maps])
+
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-        q, k, v = K.project(h, [linear(cfg.num_heads * hd, "q_proj"), linear(cfg.num_kv_heads * hd, "k_proj"),
-                                linear(cfg.num_kv_heads * hd, "v_proj")])
+        q, k, v = project(h, (cfg.num_heads * hd, "q_proj"), (cfg.num_kv_heads * hd, "k_proj"),
+                          (cfg.num_kv_heads * hd, "v_proj"))
         q = q.astype(dt).reshape(batch, seq, cfg.num_heads, hd)
         k = k.astype(dt).reshape(batch, seq, cfg.num_kv_heads, hd)
         v = v.astype(dt).reshape(batch, seq, cfg.num_kv_heads, hd)
@@ -80,13 +84,13 @@ class DecoderLayer(nn.Module):
         else:
             keys, values, cache = K.write_cache(cache, k, v, write_index)
             attn = K.attention(q, keys.astype(dt), values.astype(dt), mask)
-        (out,) = K.project(attn.reshape(batch, seq, -1), [linear(width, "o_proj", cfg.num_heads * hd)])
+        (out,) = project(attn.reshape(batch, seq, -1), (width, "o_proj", cfg.num_heads * hd))
         x = x + out.astype(dt)
 
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
-        gate, up = K.project(h, [linear(cfg.intermediate_size, "gate_proj"), linear(cfg.intermediate_size, "up_proj")])
+        gate, up = project(h, (cfg.intermediate_size, "gate_proj"), (cfg.intermediate_size, "up_proj"))
         h = activation(cfg.hidden_act)(gate.astype(dt)) * up.astype(dt)
-        (out,) = K.project(h, [linear(width, "down_proj", cfg.intermediate_size)])
+        (out,) = project(h, (width, "down_proj", cfg.intermediate_size))
         return x + out.astype(dt), cache
 
 

@@ -129,6 +129,13 @@ def head_units(config) -> dict[str, int]:
 
 def logical_axes(path: str, ndim: int | None = None) -> tuple[str, ...]:
     """The logical axes of the parameter at `path` ("a/b/c"); ValueError if no rule covers it."""
+    head, _, leaf = path.rpartition("/")
+    if leaf in ("lora_a", "lora_b"):  # LoRA factors: the input (a) or output (b) axes of the kernel they adapt
+        layers, fan_in, fan_out = logical_axes(head + "/kernel")
+        axes = (layers, fan_in, "lora_rank") if leaf == "lora_a" else (layers, "lora_rank", fan_out)
+        if ndim is not None and len(axes) != ndim:
+            raise ValueError(f"sharding rule for {path} names {len(axes)} axes, the parameter has {ndim}")
+        return axes
     for pattern, axes in _PARAM_AXES:
         if pattern.match(path):
             if ndim is not None and len(axes) != ndim:

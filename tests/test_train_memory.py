@@ -43,7 +43,7 @@ def run_steps(model, batches, steps, remat="none", precision="fp32"):
     opt_state = program.init(trainable)
     losses = []
     for i in range(steps * len(batches)):
-        trainable, opt_state, loss, _ = program.run(trainable, opt_state, frozen, batches[i % len(batches)])
+        trainable, opt_state, loss, _ = program.run(trainable, opt_state, frozen, batches[i % len(batches)], None)
         losses.append(float(loss))
     return np.array(losses).reshape(steps, len(batches)).mean(axis=1), trainable, opt_state
 

@@ -61,8 +61,8 @@ class Runner:
         self.mesh = None if mesh is None else sharding.make_mesh(mesh)
         host = jax.tree_util.tree_map(np.asarray, model.params)
         trainable, frozen = split_params(host, trainable_mask(host, "finetune"))
-        self.program = step_program(model.config, model.dtype, model.kernels, OPTIM, "finetune", False, self.mesh,
-                                    fsdp).bind(trainable, frozen)
+        self.program = step_program(model.config, model.dtype, model.kernels, OPTIM, "finetune", False,
+                                    mesh=self.mesh, fsdp=fsdp).bind(trainable, frozen)
         placement = self.program.placement
         if placement is None:
             self.feed = Collator.for_examples(model, items, BATCH, 512)
@@ -77,7 +77,7 @@ class Runner:
     def step(self, rows) -> tuple[float, float]:
         """(loss, gradient norm) of one optimizer step on `rows`."""
         t, o, loss, norm = self.program.run(self.state["trainable"], self.state["opt_state"], self.frozen,
-                                            self.feed(rows))
+                                            self.feed(rows), None)
         self.state = {"trainable": t, "opt_state": o}
         return float(loss), float(norm)
 

@@ -85,7 +85,7 @@ def step_memory(config, remat: str, precision: str, grad_accum: int, rows: int, 
     program = step_program(config, jax.numpy.dtype(prec.param_dtype), resolve_kernels(kernels), optim, "finetune",
                            False, remat, precision).bind(trainable)
     opt_state = jax.eval_shape(program.init, trainable)
-    stats = program.run.lower(trainable, opt_state, frozen, _abstract_batch(rows, seq)).compile().memory_analysis()
+    stats = program.run.lower(trainable, opt_state, frozen, _abstract_batch(rows, seq), None).compile().memory_analysis()
     n_trainable = _tree_size(trainable)
     return {"remat": remat, "precision": precision, "grad_accum": grad_accum, "rows": rows, "seq": seq,
             "params": _tree_size(params), "trainable_params": n_trainable,

@@ -47,7 +47,7 @@ def jax_run(opts: dict) -> dict:
     times, losses = [], []
     for i in range(1 + opts["repeats"]):
         t = time.perf_counter()
-        *state, loss, _ = program.run(state[0], state[1], frozen, batch)
+        *state, loss, _ = program.run(state[0], state[1], frozen, batch, None)
         losses.append(float(jax.block_until_ready(loss)))
         times.append(time.perf_counter() - t)
         log(f"jax train step {i}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")

@@ -95,12 +95,12 @@ class TrainSharding:
             lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
 
     def step_jit(self, step, trainable, opt_state, frozen):
-        """`step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss, grad_norm)` jitted with
-        explicit shardings, the train state (arguments 0 and 1) donated."""
+        """`step(trainable, opt_state, frozen, batch, key) -> (trainable, opt_state, loss, grad_norm)` jitted with
+        explicit shardings (the dropout key replicated), the train state (arguments 0 and 1) donated."""
         t = self.params(trainable)
         o = self.opt_state(opt_state, trainable)
         r = self.replicated
-        return jax.jit(step, in_shardings=(t, o, self.params(frozen), self.batch()), out_shardings=(t, o, r, r),
+        return jax.jit(step, in_shardings=(t, o, self.params(frozen), self.batch(), r), out_shardings=(t, o, r, r),
                        donate_argnums=(0, 1))
 
     def init_jit(self, init, trainable):

@@ -50,6 +50,13 @@ def register(sub, add_model_args) -> None:
     t.add_argument("--precision", choices=["fp32", "mixed", "bf16"], default="fp32",
                    help="fp32; mixed: fp32 master params and optimizer state, bf16 compute; bf16: bf16 params and "
                    "optimizer state")
+    t.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank (with the projector) instead of the "
+                   "language model's weights (--stage finetune); OUT/adapter holds them alone")
+    t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: updates are scaled by "
+                   "alpha / r (16)")
+    t.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input (0.05)")
+    t.add_argument("--lora-targets", help="comma-separated maps to adapt (default: all of the language model's: "
+                   "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     register_export(sub)
@@ -60,6 +67,7 @@ def cmd_train(args) -> int:
     import sys
 
     from ..cli import RANDOM_WEIGHTS_NOTICE
+    from .lora import LoraConfig
     from .trainer import TrainConfig, train
 
     # Orbax logs through absl (a warning per param-tree write); the command reports itself
@@ -73,6 +81,8 @@ def cmd_train(args) -> int:
                          seed=args.seed, save_every=args.save_every, resume=args.resume, skip_bad=args.skip_bad,
                          truncate=args.truncate, train_vision_tower=args.train_vision_tower,
                          vision_lr=args.vision_lr, remat=args.remat, precision=args.precision,
+                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         lora_targets=None if args.lora_targets is None else LoraConfig.parse_targets(args.lora_targets),
                          progress=not args.quiet, mesh=args.mesh, fsdp=args.fsdp)
     try:
         result = train(config)
@@ -83,6 +93,7 @@ def cmd_train(args) -> int:
     for message in result.skipped:
         print(f"llava-jax: skipped {message}", file=sys.stderr)
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.compiled_programs} step programs "
-          f"compiled){last}; model in {result.output}")
+    print(f"trained {result.steps} steps ({result.trainable_params:,} of {result.total_params:,} params trainable) "
+          f"in {result.seconds:.1f} s ({result.compiled_programs} step programs compiled){last}; model in "
+          f"{result.output}")
     return 0

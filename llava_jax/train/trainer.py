@@ -10,6 +10,10 @@ model's conversation template); the vision tower stays frozen unless `train_visi
 One train step (loss, gradients of the trainable params only, clip, AdamW; see `optim.py`) is one jitted
 program per batch shape bucket (`collate.py`).
 
+LoRA (`lora_r`, see `lora.py`): adapters on the language model's linear layers, trained with the projector;
+the rest is frozen. The model written at the end has the adapters merged into its weights, and OUT/adapter
+holds the adapters (and projector) alone.
+
 Data order: epoch e visits the examples in `numpy.random.default_rng([seed, e]).permutation(n)`, in batches
 of `batch_size` (the last one filled with dummy rows), so the micro-step counter is the data position and a
 resumed run (`resume=True`: the newest checkpoint in OUT/checkpoints) sees exactly the batches the
@@ -42,6 +46,17 @@ from ..remat import check_remat
 from ..sharding import to_host
 from .checkpoints import TrainCheckpoints, write_model
 from .collate import Collator, tokenize_examples
+from .lora import (
+    ADAPTER_DIR,
+    LoraConfig,
+    add_adapters,
+    count_params,
+    for_network,
+    merge,
+    save_adapter,
+    trainable_summary,
+)
+from .lora import trainable_mask as lora_trainable_mask
 from .loss import loss_fn
 from .optim import STAGES, OptimConfig, current_lr, make_optimizer, merge_params, split_params, trainable_mask
 from .precision import Precision
@@ -52,7 +67,7 @@ DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
 # Settings a resumed run must share with the run it continues (else its data order or schedule differ).
 RESUME_KEYS = ("stage", "data", "image_folder", "template", "lr", "warmup_ratio", "weight_decay", "batch_size",
                "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad",
-               "precision")
+               "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 RESUME_DEFAULTS = {"precision": "fp32"}  # settings added later: what a checkpoint written before them ran with
 
 
@@ -83,6 +98,10 @@ class TrainConfig:
     vision_lr: float | None = None
     remat: str = "none"  # per-layer rematerialization: none, dots, full (`llava_jax.remat`)
     precision: str = "fp32"  # fp32, mixed, bf16 (`precision.py`)
+    lora_r: int | None = None  # LoRA rank; None: no LoRA (see lora.py)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | str | None = None  # names or "q_proj,v_proj"; None: lora.DEFAULT_TARGETS
     progress: bool = True
     mesh: str | None = None  # a (data, model) mesh ("data=2,model=4", "auto"; see `sharded.py`); None: one device
     fsdp: bool = False  # with a mesh: also split params and optimizer state over `data` (sharding.FSDP_RULES)
@@ -107,6 +126,20 @@ class TrainConfig:
             raise InputError("--fsdp needs --mesh")
         check_remat(self.remat)
         Precision(self.precision)
+        if self.lora_r is not None:
+            self.lora  # noqa: B018 (checks the LoRA settings)
+            if self.stage != "finetune":
+                raise InputError("--lora-r needs --stage finetune (LoRA adapts the language model)")
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        if self.lora_r is None:
+            return None
+        targets = self.lora_targets
+        if isinstance(targets, str):
+            targets = LoraConfig.parse_targets(targets)
+        targets = {} if targets is None else {"targets": tuple(targets)}
+        return LoraConfig(self.lora_r, self.lora_alpha, self.lora_dropout, **targets)
 
     @property
     def learning_rate(self) -> float:
@@ -126,6 +159,8 @@ class TrainResult:
     interrupted: bool = False
     bytes_per_device: int = 0  # the most any device holds of params + optimizer state (at the end)
     param_specs: dict = field(default_factory=dict)  # on a mesh: param path -> PartitionSpec (as a tuple)
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 def _load_model(path: str | None, mesh: str | None = None, fsdp: bool = False, dtype: str = "float32"):
@@ -142,16 +177,20 @@ class _StepProgram:
     """The jitted train step: loss and gradients of the trainable params, then the optimizer update. Made once per
     (network, optimizer settings, trainable set) in a process (`step_program`), so that runs in one process
     (a resumed run, a notebook) reuse its compiled programs. On a mesh (`placement`) the step has explicit
-    shardings and donates the train state (`sharded.TrainSharding.step_jit`)."""
+    shardings and donates the train state (`sharded.TrainSharding.step_jit`). `key`: the micro-step's dropout
+    key (LoRA)."""
 
-    def __init__(self, network, optim: OptimConfig, precision: Precision, placement: TrainSharding | None = None):
+    def __init__(self, network, optim: OptimConfig, precision: Precision, placement: TrainSharding | None = None,
+                 lora: LoraConfig | None = None):
         self.tx = None
         self._optim = optim
         self.placement = placement
 
-        def step(trainable, opt_state, frozen, batch):
+        def step(trainable, opt_state, frozen, batch, key):
             def loss_of(t):
-                return loss_fn(network, precision.compute_params(merge_params(t, frozen)), batch)
+                params = merge_params(t, frozen)
+                params = params if lora is None else for_network(params, lora, key)
+                return loss_fn(network, precision.compute_params(params), batch)
 
             loss, grads = jax.value_and_grad(loss_of)(trainable)
             if placement is not None:  # gradients laid out like their params (with FSDP: reduce-scattered)
@@ -182,17 +221,18 @@ class _StepProgram:
 
 @functools.lru_cache(maxsize=8)
 def step_program(config, dtype, kernels: str, optim: OptimConfig, stage: str, train_vision_tower: bool,
-                 remat: str = "none", precision: str = "fp32", mesh=None, fsdp: bool = False) -> _StepProgram:
+                 remat: str = "none", precision: str = "fp32", mesh=None, fsdp: bool = False,
+                 lora: LoraConfig | None = None) -> _StepProgram:
     """The step program of a network and optimizer; `dtype` is the loaded params' (the network computes in the
     precision's compute dtype, which is `dtype` except under "mixed")."""
     from ..network import LlavaNetwork
     from ..sharding import ShardingRules
 
-    # stage and train_vision_tower key the cache: they decide the trainable tree the optimizer is built for
+    # stage, train_vision_tower and lora key the cache: they decide the trainable tree the optimizer is built for
     placement = None if mesh is None else TrainSharding(ShardingRules.create(mesh, config, fsdp))
     prec = Precision(precision)
     compute = dtype if precision == "fp32" else prec.compute_dtype
-    return _StepProgram(LlavaNetwork(config, compute, kernels, remat=remat), optim, prec, placement)
+    return _StepProgram(LlavaNetwork(config, compute, kernels, remat=remat), optim, prec, placement, lora)
 
 
 def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] | None = None,
@@ -223,10 +263,19 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     optim = OptimConfig(lr=cfg.learning_rate, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio,
                         weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
                         vision_lr=cfg.vision_lr if cfg.train_vision_tower else None)
-    mask = trainable_mask(model.params, cfg.stage, cfg.train_vision_tower)
-    trainable, frozen = split_params(model.params, mask)
+    lora = cfg.lora
+    if lora is None:
+        params = model.params
+        mask = trainable_mask(params, cfg.stage, cfg.train_vision_tower)
+    else:
+        params = add_adapters(model.params, lora, cfg.seed)
+        mask = lora_trainable_mask(params, cfg.train_vision_tower)
+    trainable, frozen = split_params(params, mask)
+    counts = count_params(trainable), count_params(params)
+    if cfg.progress and jax.process_index() == 0:
+        tqdm.write(trainable_summary(*counts))
     program = step_program(model.config, model.dtype, model.kernels, optim, cfg.stage, cfg.train_vision_tower,
-                           cfg.remat, cfg.precision, model.mesh, cfg.fsdp).bind(trainable, frozen)
+                           cfg.remat, cfg.precision, model.mesh, cfg.fsdp, lora).bind(trainable, frozen)
     placement = program.placement
     if placement is not None:
         placement.check_batch_size(cfg.batch_size)
@@ -236,6 +285,9 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
              "key": key if placement is None else jax.device_put(key, placement.replicated)}
     main_process = jax.process_index() == 0  # multi-host: one process writes metrics and the model
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
+    lora_settings = {} if lora is None else {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                                             "lora_targets": list(lora.targets)}  # as the JSON record holds them
+    settings |= {k: lora_settings.get(k) for k in ("lora_alpha", "lora_dropout", "lora_targets")}
 
     os.makedirs(cfg.output, exist_ok=True)
     checkpoints = TrainCheckpoints(cfg.output)
@@ -258,7 +310,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     else:  # each process collates only its share of every batch
         collate = ShardedFeed(placement, lambda rows: Collator.for_examples(model, items, rows, cfg.max_length),
                               cfg.batch_size, model.config.tokens_per_crop)
-    result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped)
+    result = TrainResult(os.path.abspath(cfg.output), micro // cfg.grad_accum, skipped=skipped,
+                         trainable_params=counts[0], total_params=counts[1])
 
     def record_now() -> dict:
         epoch, index = divmod(micro, per_epoch)
@@ -279,8 +332,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
                 order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
                 rows = [items[i] for i in order[index * cfg.batch_size: (index + 1) * cfg.batch_size]]
                 batch = collate(rows)
-                trainable, opt_state, loss, grad_norm = program.run(state["trainable"], state["opt_state"],
-                                                                    frozen, batch)
+                trainable, opt_state, loss, grad_norm = program.run(
+                    state["trainable"], state["opt_state"], frozen, batch, jax.random.fold_in(state["key"], micro))
                 state = {"trainable": trainable, "opt_state": opt_state, "key": state["key"]}
                 micro += 1
                 window_loss.append(scalar(loss))
@@ -316,8 +369,13 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     bar.close()
     save()
     checkpoints.close()
-    params = jax.tree_util.tree_map(to_host, merge_params(state["trainable"], frozen))  # gathered (collective)
+    trained = jax.tree_util.tree_map(to_host, state["trainable"])  # gathered (a collective: every process)
+    params = merge_params(trained, jax.tree_util.tree_map(to_host, frozen))
+    if lora is not None:
+        params = merge(params, lora)
     if main_process:
+        if lora is not None:
+            save_adapter(os.path.join(cfg.output, ADAPTER_DIR), trained, lora)
         write_model(cfg.output, params, model.config, model.path)
     result.seconds = time.monotonic() - start
     result.compiled_programs = program.compiled - compiled_before

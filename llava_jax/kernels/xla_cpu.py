@@ -89,7 +89,9 @@ class XlaCpuKernels(Kernels):
         if len(weights) == 1 or math.prod(x.shape[:-1]) == 1:
             return [matmul_fp32(x, k) + (0 if b is None else b.astype(jnp.float32)) for k, b in weights]
         kernels = [k for k, _ in weights]
-        if _is_16bit_float(kernels[0]) and not self.differentiable:  # (uint16 carries no gradient)  # concatenated as uint16: XLA:CPU widens a 16-bit float concat to fp32
+        # concatenated as uint16 (XLA:CPU widens a 16-bit float concat to fp32); not when training: uint16 carries
+        # no gradient
+        if _is_16bit_float(kernels[0]) and not self.differentiable:
             kernel = jax.lax.bitcast_convert_type(jnp.concatenate(to_bits(kernels), axis=1), kernels[0].dtype)
         else:
             kernel = jnp.concatenate(kernels, axis=1)

@@ -13,9 +13,10 @@ import sys
 
 from .xla_flags import enable_compilation_cache, set_default_xla_flags
 
-RANDOM_WEIGHTS_NOTICE = (
-    "llava-jax: no --model given: using the embedded default model, a tiny LLaVA-NeXT with RANDOM weights and "
-    "the real Mistral tokenizer. Its answers are noise; pass --model DIR to use a real checkpoint."
+DEFAULT_MODEL_NOTICE = (
+    "llava-jax: no --model given: using the embedded default model, a TOY LLaVA-NeXT trained on synthetic pictures "
+    "of one coloured shape on white; it answers 'What color is the shape?' and 'What shape is this?' and nothing "
+    "else. Pass --model DIR to use a real checkpoint."
 )
 
 
@@ -76,7 +77,7 @@ def _load_model(args):
     else:
         from .default_model import default_model_dir
 
-        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+        print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
         model = llava_jax.load(str(default_model_dir()), dtype=args.dtype, **placement)
     import jax
 
@@ -87,7 +88,7 @@ def _load_model(args):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (llava-hf or original safetensors, or converted); "
-                   "default: the embedded tiny random-weight model")
+                   "default: the embedded toy model trained on synthetic shapes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--mesh", default="auto",
                    help="device mesh for params, KV cache and batch, e.g. data=2,model=4 (one size may be -1: the "

@@ -18,10 +18,10 @@ set_default_xla_flags()
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """The embedded default model (tiny, random weights, real Mistral tokenizer), written to a temp cache."""
-    from llava_jax.default_model import default_model_dir
+    """The embedded random-weight model (tiny, real Mistral tokenizer), written to a temp cache."""
+    from llava_jax.default_model import random_model_dir
 
-    return default_model_dir(tmp_path_factory.mktemp("llava-jax-cache"))
+    return random_model_dir(tmp_path_factory.mktemp("llava-jax-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def env():
 def sharded(tmp_path_factory):
     """The default model's weights as a sharded llava-hf checkpoint (index + 4 shards), no tokenizer."""
     path = tmp_path_factory.mktemp("sharded") / "src"
-    write_random_checkpoint(path, default_model.CONFIG, "float32", seed=3, shard_bytes=10 << 20)
+    write_random_checkpoint(path, default_model.RANDOM_CONFIG, "float32", seed=3, shard_bytes=10 << 20)
     assert (path / INDEX_FILE).is_file()
     return path
 
@@ -152,14 +152,15 @@ def test_outputs_respect_the_umask(tiny_model_dir, tmp_path, umask):
     old = os.umask(umask)
     try:
         convert(str(tiny_model_dir), str(tmp_path / "out"))
-        cache = default_model.default_model_dir(tmp_path / "cache")
+        cache = default_model.random_model_dir(tmp_path / "cache")
+        trained_cache = default_model.default_model_dir(tmp_path / "cache")
     finally:
         os.umask(old)
-    for top in (tmp_path / "out", cache):
+    for top in (tmp_path / "out", cache, trained_cache):
         for root, _dirs, files in os.walk(top):
             assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask, root
             for f in files:
-                if top == cache and f.startswith("tokenizer"):
+                if top != tmp_path / "out" and f.startswith("tokenizer"):
                     continue  # copied by the tokenizer helper
                 assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o666 & ~umask, f
 

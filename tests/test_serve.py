@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import llava_jax
-from llava_jax.default_model import CONFIG
+from llava_jax.default_model import RANDOM_CONFIG
 from llava_jax.prompt import mistral_tokenizer_dir, render_prompt
 from llava_jax.random_checkpoint import write_random_checkpoint
 from llava_jax.serve.app import ServerLimits
@@ -44,7 +44,7 @@ def png_data_url(height: int, width: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    config = copy.deepcopy(CONFIG)
+    config = copy.deepcopy(RANDOM_CONFIG)
     config["vision_config"]["image_size"] = 56
     config["image_grid_pinpoints"] = [[56, 112], [112, 56]]
     path = tmp_path_factory.mktemp("serve") / MODEL_ID

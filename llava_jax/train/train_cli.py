@@ -14,8 +14,9 @@ def register(sub, add_model_args) -> None:
                        "the language model (--stage finetune) with AdamW, linear warmup then cosine decay, "
                        "gradient clipping at norm 1.0. OUT receives the trained model (llava_jax.load(OUT)), "
                        "metrics.jsonl and train-state checkpoints (--resume continues from the newest).")
-    t.add_argument("--model", help="checkpoint directory to start from; default: the embedded tiny random-weight "
-                   "model")
+    t.add_argument("--model", help="checkpoint directory to start from; default: the embedded toy model "
+                   "trained on synthetic shapes (make-default --base-only writes the random-weight one it started "
+                   "from)")
     t.add_argument("--data", required=True, help="LLaVA-format JSON: a list of {id, image, conversations}")
     t.add_argument("--image-folder", required=True, help="directory the JSON's image paths are relative to")
     t.add_argument("--output", required=True, help="output directory (model, metrics.jsonl, checkpoints/)")
@@ -61,19 +62,65 @@ def register(sub, add_model_args) -> None:
     t.set_defaults(func=cmd_train)
     register_export(sub)
 
+    m = sub.add_parser("make-default", help="train the embedded default model from scratch (its fixed recipe)",
+                       description="Run the recipe of the shipped default model: random weights, the synthetic "
+                       "shapes data, stage 1 then stage 2, evaluation; write model.safetensors (fp16), config.json, "
+                       "checksums.json and recipe.json (settings, held-out accuracy, every step's loss) into OUT. "
+                       "Seed 0 reproduces llava_jax/assets/default-model bit for bit (--check compares).")
+    m.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --force)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the weights, the pictures and the data order (0)")
+    m.add_argument("--base-only", action="store_true", help="write only the recipe's starting point into OUT: "
+                   "the random-weight model, a checkpoint directory for --model")
+    m.add_argument("--work", help="keep the base model, dataset and stage outputs here (default: a temporary "
+                   "directory)")
+    m.add_argument("--check", action="store_true", help="then compare the weights with the shipped default's")
+    m.add_argument("--force", action="store_true", help="replace an earlier make-default output in OUT")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_make_default)
+
+
+def cmd_make_default(args) -> int:
+    import logging
+    import os
+    import sys
+
+    from ..default_model import ASSET_DIR
+    from ..errors import InputError
+    from .make_default import make_default, write_base_model
+
+    if args.base_only:
+        if os.path.exists(args.out) and os.listdir(args.out):
+            raise InputError(f"{args.out} exists and is not empty")
+        write_base_model(args.out, args.seed)
+        print(f"wrote the random-weight starting point (seed {args.seed}) to {args.out}")
+        return 0
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    record = make_default(args.out, args.seed, work=args.work, force=args.force, progress=not args.quiet)
+    print(f"held-out accuracy {record['accuracy']:.2f} ({record['correct']} of {record['n']}) in "
+          f"{record['seconds']:.0f} s; model in {args.out}")
+    if args.check:
+        with open(os.path.join(args.out, "model.safetensors"), "rb") as a, \
+                open(ASSET_DIR / "model.safetensors", "rb") as b:
+            same = a.read() == b.read()
+        print("identical to the shipped default model" if same else "DIFFERENT from the shipped default model")
+        if not same:
+            print("llava-jax: the weights differ from the shipped ones", file=sys.stderr)
+            return 1
+    return 0
+
 
 def cmd_train(args) -> int:
     import logging
     import sys
 
-    from ..cli import RANDOM_WEIGHTS_NOTICE
+    from ..cli import DEFAULT_MODEL_NOTICE
     from .lora import LoraConfig
     from .trainer import TrainConfig, train
 
     # Orbax logs through absl (a warning per param-tree write); the command reports itself
     logging.getLogger("absl").setLevel(logging.ERROR)
     if args.model is None:
-        print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+        print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     config = TrainConfig(stage=args.stage, data=args.data, image_folder=args.image_folder, output=args.output,
                          model=args.model, template=args.template, lr=args.lr, warmup_ratio=args.warmup_ratio,
                          weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,

@@ -58,7 +58,7 @@ def test_answers_new_pictures(answers):
     wrong = [(q, a, t) for i, (q, rows) in enumerate(pairs.items()) for a, t in rows if a.strip() != t[i]]
     assert sum(right.values()) >= 0.9 * 2 * HELD_OUT, (right, wrong[:10])
     # each kind well above chance (1/4 colours, 1/3 shapes), so the total cannot hide one that was not learned;
-    # measured: colour 50/50, shape 41/50
+    # measured: colour 49/50, shape 45/50
     assert right[COLOR_QUESTION] >= 0.9 * HELD_OUT and right[SHAPE_QUESTION] >= 0.7 * HELD_OUT, right
 
 

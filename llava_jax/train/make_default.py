@@ -32,7 +32,7 @@ from ..errors import InputError
 DATA = {"train": 2000, "test": 100}
 STAGES = {
     "pretrain": dict(lr=1e-3, steps=30, batch_size=8),
-    "finetune": dict(lr=1e-3, steps=2000, batch_size=8, warmup_ratio=0.05, train_vision_tower=True, vision_lr=1e-3),
+    "finetune": dict(lr=1e-3, steps=4000, batch_size=8, warmup_ratio=0.05, train_vision_tower=True, vision_lr=1e-3),
 }
 RECIPE_FILE = "recipe.json"
 OUTPUT_FILES = ("config.json", "model.safetensors", "checksums.json", RECIPE_FILE)

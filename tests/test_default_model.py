@@ -5,11 +5,11 @@ its weights are checked on load, and transformers computes the same logits from 
 """
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
+from corrupt import flip_bit
 
 import llava_jax
 from llava_jax.default_model import ASSET_DIR, default_model_dir
@@ -88,11 +88,7 @@ def test_corrupted_default_cache_is_reported(default_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(default_dir, copy)
     ref = next(r for r in read_header(str(copy / "model.safetensors")) if r.name.endswith("lm_head.weight"))
-    with open(copy / "model.safetensors", "r+b") as f:  # one bit inside lm_head's data
-        f.seek((ref.start + ref.end) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_bit(copy / "model.safetensors", (ref.start + ref.end) // 2)  # one bit inside lm_head's data
     with pytest.raises(ChecksumError, match=r"model\.safetensors \(tensor [\w.]*lm_head\.weight\)"):
         llava_jax.load(str(copy))
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from corrupt import flip_bit
 
 from llava_jax import checkpoint, direct_read
 from llava_jax.config import load_config
@@ -143,11 +144,7 @@ def test_unused_tensors_are_hashed_too(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, cache)
     config = load_config(str(cache))
     unused = next(r for r in read_header(str(cache / "model.safetensors")) if map_name(r.name, "hf", config) is None)
-    with open(cache / "model.safetensors", "r+b") as f:
-        f.seek(unused.start)
-        byte = f.read(1)
-        f.seek(unused.start)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_bit(cache / "model.safetensors", unused.start)
     import llava_jax
 
     with pytest.raises(ChecksumError, match=rf"model\.safetensors \(tensor {unused.name}\)"):

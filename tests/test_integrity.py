@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from corrupt import flip_bit
 
 import llava_jax
 from convert.converter import convert
@@ -115,11 +116,7 @@ def test_default_model_cache_is_verified(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, cache)
     assert read_manifest(str(cache)) is not None
     ref = next(r for r in read_header(str(cache / "model.safetensors")) if r.name == "lm_head.weight")
-    with open(cache / "model.safetensors", "r+b") as f:  # one byte inside lm_head's data
-        f.seek((ref.start + ref.end) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_bit(cache / "model.safetensors", (ref.start + ref.end) // 2)  # one bit inside lm_head's data
     with pytest.raises(ChecksumError, match=r"model\.safetensors \(tensor lm_head\.weight\).*delete .*cache"):
         llava_jax.load(str(cache))
 

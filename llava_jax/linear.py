@@ -7,6 +7,7 @@ so that a layer can hand several maps of the same input to `Kernels.project` at 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Linear(nn.Module):
@@ -16,8 +17,13 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int):
-        """Returns (kernel, bias or None)."""
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
+        """Returns (kernel, bias or None). A kernel in a backend's own form (not an array: a pytree node made by
+        `Kernels.prepare`, e.g. a transposed copy) is returned as given, for that backend's `project`."""
+        given = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if given is not None and not isinstance(given, jax.Array | np.ndarray):
+            kernel = given
+        else:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype) if self.use_bias else None
         return kernel, bias
 

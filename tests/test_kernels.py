@@ -13,7 +13,7 @@ import pytest
 import llava_jax
 from llava_jax.bench import make_checkpoint
 from llava_jax.kernels import KernelsError, default_kernels, get_kernels, resolve_kernels
-from llava_jax.kernels.xla_cpu import bits_view, unstack_layers
+from llava_jax.kernels.xla_cpu import TransposedKernel, bits_view, unstack_layers
 
 REF, CPU = get_kernels("reference"), get_kernels("xla_cpu")
 F32_BOUND = 2e-6  # fp32 outputs of order one, only the summation order differs (measured below 5e-7)
@@ -35,15 +35,19 @@ def test_kernel_set_names():
         resolve_kernels("cuda")
 
 
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_project(rows, dtype):
-    """Fused (several rows) and padded one-row (16-bit) matmuls equal separate fp32-accumulated ones."""
-    rng = np.random.default_rng(rows)
-    x = rand(rng, 1, rows, 64, dtype=dtype)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_project(shape, dtype, transposed):
+    """Fused (a prompt: several tokens a row), separate (a decode step of several rows) and padded one-row
+    (16-bit) matmuls, against kernels as given or as (out, in) copies (`TransposedKernel`), equal separate
+    fp32-accumulated ones."""
+    rng = np.random.default_rng(shape[1])
+    x = rand(rng, *shape, 64, dtype=dtype)
     weights = [(rand(rng, 64, n, dtype=dtype), None if n == 16 else rand(rng, n, dtype=dtype)) for n in (48, 16, 32)]
-    for got, want in zip(jax.jit(CPU.project)(x, weights), REF.project(x, weights), strict=True):
-        assert got.dtype == jnp.float32
+    given = [(TransposedKernel(k.T.copy()) if transposed else k, b) for k, b in weights]
+    for got, want in zip(jax.jit(CPU.project)(x, given), REF.project(x, weights), strict=True):
+        assert got.dtype == jnp.float32 and got.shape == (*shape, want.shape[-1])
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -116,6 +120,36 @@ def test_fp32_xla_cpu_equals_reference(checkpoint):
     tokens = fast.generate_ids(ids, max_new_tokens=12, stop_token_ids=[])
     assert tokens == plain.generate_ids(ids, max_new_tokens=12, stop_token_ids=[])
     assert isinstance(fast.engine.params_for(fast.params, "decode")["language_model"]["layers"], list)
+
+
+def test_transposed_decode_weights(checkpoint):
+    """prepare("decode_transposed") (the server's --decode-weights transposed): every 2-D kernel of the language
+    model becomes an (out, in) copy, and a decode step of several rows, each at its own cache index, gives the
+    logits of the shared weights and of the reference set within fp32 reduction-order noise."""
+    from llava_jax.llama import init_cache
+
+    fast = llava_jax.load(checkpoint, kernels="xla_cpu")
+    plain = llava_jax.LlavaModel(fast.config, fast.params, fast.dtype, kernels="reference")
+    transposed = fast.engine.params_for(fast.params, "decode_transposed")
+    lm, layers = transposed["language_model"], transposed["language_model"]["layers"]
+    assert isinstance(layers, list) and isinstance(lm["lm_head"]["kernel"], TransposedKernel)
+    stacked = fast.params["language_model"]["layers"]["down_proj"]["kernel"]
+    for i, layer in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(layer["down_proj"]["kernel"].t), np.asarray(stacked[i]).T)
+    assert fast.params["language_model"]["layers"]["down_proj"]["kernel"] is stacked  # the loaded weights stay
+
+    rng, cfg, rows, length = np.random.default_rng(4), fast.config.text, 3, 16
+    cache = {n: rand(rng, *c.shape) for n, c in init_cache(cfg, rows, length).items()}
+    args = (jnp.asarray([5, 900, 31000]), jnp.asarray([7, 3, 12]), jnp.asarray(rng.random((rows, length)) > 0.3),
+            cache, jnp.asarray([7, 3, 12]))
+    logits = {}
+    for name, model, params in [("reference", plain, plain.params), ("shared", fast, fast.params),
+                                ("transposed", fast, fast.params)]:
+        program_params = model.engine.params_for(params, "decode_transposed" if name == "transposed" else "decode")
+        logits[name] = np.asarray(jax.jit(model.engine.next_logits)(program_params, *args)[0])
+    assert 0.5 < logits["reference"].std() < 50
+    for name in ("shared", "transposed"):
+        np.testing.assert_allclose(logits[name], logits["reference"], atol=1e-4 * logits["reference"].std())
 
 
 def test_bf16_tracks_fp32(checkpoint):

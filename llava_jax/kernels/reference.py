@@ -76,7 +76,9 @@ class Kernels:
 
     def prepare(self, params, program: str):
         """The params a compiled program takes, built outside it (zero-copy views on some backends): `program`
-        is "scan" (programs that scan over stacked layers) or "decode" (the decode loop). Plain: `params`."""
+        is "scan" (programs that scan over stacked layers), "decode" (the decode loop) or "decode_transposed"
+        (the decode loop, with the weights in whatever layout multiplies a batch of rows fastest, a copy where it
+        differs: the server's slots). Plain: `params`."""
         del program
         return params
 

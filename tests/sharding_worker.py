@@ -4,7 +4,8 @@ Usage: python sharding_worker.py KIND OUT.json, KIND "llava" or "llava_next" (th
 process per core). It builds one random checkpoint with GQA (8 heads, 2 kv heads: the kv heads divide neither a
 model axis of 4 nor of 8), loads it on one device and on meshes 1x8, 2x4, 4x2, 8x1 (data x model), runs forward
 and greedy generation on a batch of 3 rows (which divides no data axis > 1: padding is exercised), and records
-logit differences, tokens, parameter/cache shardings and bytes per device. For LLaVA-1.5 also FSDP on 2x4; for
+logit differences, tokens, parameter/cache shardings and bytes per device. For LLaVA-1.5 also FSDP on 2x4 and the
+serving slots (`slots.SlotEngine`) on 2x4; for
 LLaVA-NeXT a converted (Orbax) checkpoint loaded onto 2x4, and the "auto" mesh. test_sharding.py asserts on the JSON.
 """
 
@@ -162,6 +163,38 @@ def restore_check(path, target_model, ids, mask, px, sizes, ref_logits, ref_toke
     return out
 
 
+SLOT_ROWS = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13]]  # text prompts for the serving slots
+
+
+def slot_tokens(model, rows=SLOT_ROWS, steps=NEW_TOKENS) -> list[list[int]]:
+    """Greedy tokens of each prompt through the server's programs (`llava-jax serve --mesh`): each prefilled
+    alone, inserted into its own slot of a 4-slot decode batch (slots over the data axis), then decoded together
+    one step a call; no stop tokens."""
+    from llava_jax.batch import left_pad, make_batch
+    from llava_jax.engine import stop_id_array
+    from llava_jax.sampling import make_sampler
+    from llava_jax.slots import SlotEngine
+
+    engine, cache_len = model.engine, 32
+    slots = SlotEngine(engine, 4, cache_len, model.dtype, steps_per_call=1)
+    state, sampler, stops, max_new = slots.empty(), make_sampler(0.0), stop_id_array([]), np.int32(steps)
+    out = []
+    for slot, row in enumerate(rows):
+        ids, mask = left_pad([row], 8)
+        batch = make_batch(ids, mask, [], model.config.image_token_id, engine.data_size)
+        first = engine.start(model.params, batch, engine.put_replicated(sampler), seed=0,
+                             stop_ids=engine.put_replicated(stops), max_new_tokens=engine.put_replicated(max_new),
+                             cache_len=cache_len)
+        state = slots.insert(state, first, np.int32(slot), sampler, stops, max_new)
+        out.append([int(np.asarray(first.tokens)[0, 0])])
+    params = engine.params_for(model.params, "decode")
+    for _ in range(steps - 1):
+        state, tokens, _ = slots.step(params, state, np.int32(0))
+        for slot, tokens_of_slot in enumerate(np.asarray(tokens)[: len(rows)]):
+            out[slot] += tokens_of_slot.tolist()
+    return out
+
+
 def main(kind, out_path):
     t0, c0 = time.time(), time.process_time()
     torch.set_num_threads(1)
@@ -179,6 +212,9 @@ def main(kind, out_path):
     if kind == "llava":  # the extra checks are split between the two workers (run in parallel) by cost
         fsdp = llava_jax.load(path, mesh="data=2,model=4", fsdp=True)
         entry["fsdp"] = record(fsdp, ref_logits, ref_tokens, ids, mask, px, sizes)
+        entry["slots"] = {"alone": [ref.generate_ids(np.asarray([row]), max_new_tokens=NEW_TOKENS,
+                                                     stop_token_ids=[])[0] for row in SLOT_ROWS],
+                          "single": slot_tokens(ref), "data=2,model=4": slot_tokens(models["data=2,model=4"])}
     else:
         entry["restore"] = restore_check(path, models["data=2,model=4"], ids, mask, px, sizes, ref_logits,
                                          ref_tokens)

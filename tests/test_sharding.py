@@ -133,6 +133,14 @@ def test_fsdp_shards_weights_over_the_data_axis(results):
     assert got["max_device_bytes"] < 0.6 * plain["max_device_bytes"]
 
 
+def test_serving_slots_on_a_mesh(results):
+    """The server's slot programs (empty, insert, step: `llava-jax serve --mesh`) on 2x4, three prompts in three
+    of four slots: each prompt's greedy tokens equal the one-device slots' and `generate_ids` of it alone."""
+    slots = results["llava"]["slots"]
+    assert slots["data=2,model=4"] == slots["single"] == slots["alone"]
+    assert len({tuple(t) for t in slots["alone"]}) == 3  # different answers: a swapped slot would show
+
+
 def test_converted_checkpoint_loads_onto_the_mesh(results):
     """`load` of a converted (Orbax) checkpoint restores straight into the target shardings: every param has its
     rule-table sharding and every device holds exactly its slice (no full copy anywhere); the mesh's compiled

@@ -2,9 +2,8 @@
 
 `convert/writer.py` stores each param as an uncompressed, C-order Zarr v2 array (`params/<a.b.c>/`, a `.zarray`
 and one file per chunk, one layer per chunk of a stacked param). Each chunk file is read whole into a
-per-thread buffer (`direct_read.run_jobs`: parallel threads, no intermediate arrays) and cast into its region
-of the param, or, a whole chunk already in the target dtype, read straight into its region; when the checkpoint
-is verified, it is hashed from the same bytes: the checksum costs no second read.
+per-thread buffer (`direct_read.run_jobs`: parallel threads, no intermediate arrays), cast into its region of
+the param, and, when the checkpoint is verified, hashed from the same bytes: the checksum costs no second read.
 
 Only that plain layout is read here (`open_array` returns None for anything else: compression, filters,
 Fortran order, another dtype); `checkpoint.restore_params` then uses Orbax, as it does for a mesh (where each
@@ -83,27 +82,21 @@ def chunk_jobs(array: ZarrArray, dest: np.ndarray, digests: dict | None = None,
 
 
 def _chunk_reader(array: ZarrArray, path: str, dest: np.ndarray, expected, on_mismatch):
-    # a whole chunk stored in the target dtype is read straight into its region of the param (one copy, from the
-    # page cache); an edge chunk or a cast goes through the thread's buffer
-    direct = dest.dtype == array.dtype and dest.shape == array.chunks and dest.flags.c_contiguous
-
     def run(buffer: np.ndarray) -> None:
         nbytes = array.chunk_bytes
-        target = memoryview(dest.reshape(-1).view(np.uint8)) if direct else memoryview(buffer)[:nbytes]
         try:
             with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size != nbytes:
                     raise CheckpointError(f"{path} has {size} bytes, a chunk of {array.chunks} {array.dtype} has "
                                           f"{nbytes}: the file is corrupted or truncated")
-                read_into(f.fileno(), target, 0, path)
+                read_into(f.fileno(), memoryview(buffer)[:nbytes], 0, path)
         except FileNotFoundError as e:
             raise CheckpointError(f"{path} is missing (a chunk of {array.directory})") from e
-        if expected is not None and hash_bytes(target) != expected[0]:
-            on_mismatch(path, expected[1])  # the load fails: what the region holds is never used
+        if expected is not None and hash_bytes(memoryview(buffer)[:nbytes]) != expected[0]:
+            on_mismatch(path, expected[1])
             return
-        if not direct:
-            chunk = buffer[:nbytes].view(array.dtype).reshape(array.chunks)
-            np.copyto(dest, chunk[tuple(slice(0, n) for n in dest.shape)], casting="unsafe")
+        chunk = buffer[:nbytes].view(array.dtype).reshape(array.chunks)
+        np.copyto(dest, chunk[tuple(slice(0, n) for n in dest.shape)], casting="unsafe")
 
     return run

@@ -24,6 +24,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .engine import MAX_STOP_IDS, DecodeState, GenerationEngine
 from .llama import init_cache
@@ -69,6 +70,17 @@ class SlotEngine:
         return SlotState(cache={"k": cache, "v": cache}, kv_mask=rules.sharding(STATE_AXES["kv_mask"], name="kv_mask"),
                          last_token=rep, position=rep, write_index=rep, step=rep, max_new=rep, done=rep, stop_ids=rep,
                          sampler=Sampling(rep, rep, rep), key=rep)
+
+    def admit(self, state: SlotState, params, batch, slot: int, sampler: Sampling, stop_ids, max_new: int,
+              seed: int) -> tuple[SlotState, DecodeState]:
+        """Prefill one request (`batch`: its left-padded prompt and images, one real row) alone with the engine's
+        prompt-bucket program, and insert it into `slot`; returns (state, the request's prefilled `DecodeState`,
+        whose tokens[0, 0] is its first token). stop_ids: `stop_id_array`'s padded array."""
+        engine, max_new = self.engine, np.int32(max_new)
+        first = engine.start(params, batch, engine.put_replicated(sampler), seed=seed,
+                             stop_ids=engine.put_replicated(stop_ids), max_new_tokens=engine.put_replicated(max_new),
+                             cache_len=self.cache_len)
+        return self.insert(state, first, np.int32(slot), sampler, stop_ids, max_new), first
 
     def _empty(self) -> SlotState:
         n = self.slots

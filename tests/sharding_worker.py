@@ -175,17 +175,13 @@ def slot_tokens(model, rows=SLOT_ROWS, steps=NEW_TOKENS) -> list[list[int]]:
     from llava_jax.sampling import make_sampler
     from llava_jax.slots import SlotEngine
 
-    engine, cache_len = model.engine, 32
-    slots = SlotEngine(engine, 4, cache_len, model.dtype, steps_per_call=1)
-    state, sampler, stops, max_new = slots.empty(), make_sampler(0.0), stop_id_array([]), np.int32(steps)
-    out = []
+    engine = model.engine
+    slots = SlotEngine(engine, 4, 32, model.dtype, steps_per_call=1)
+    state, out = slots.empty(), []
     for slot, row in enumerate(rows):
         ids, mask = left_pad([row], 8)
         batch = make_batch(ids, mask, [], model.config.image_token_id, engine.data_size)
-        first = engine.start(model.params, batch, engine.put_replicated(sampler), seed=0,
-                             stop_ids=engine.put_replicated(stops), max_new_tokens=engine.put_replicated(max_new),
-                             cache_len=cache_len)
-        state = slots.insert(state, first, np.int32(slot), sampler, stops, max_new)
+        state, first = slots.admit(state, model.params, batch, slot, make_sampler(0.0), stop_id_array([]), steps, 0)
         out.append([int(np.asarray(first.tokens)[0, 0])])
     params = engine.params_for(model.params, "decode")
     for _ in range(steps - 1):

@@ -257,16 +257,11 @@ class Scheduler:
 
     def _admit_one(self, job: Job, slot: int) -> None:
         """Prefill `job` alone and insert it into `slot`; its first token is handed over at once."""
-        engine = self.engine
-        bucket = self.bucket(len(job.prompt_ids))
-        ids, mask = left_pad([job.prompt_ids], bucket)
-        batch = make_batch(ids, mask, job.images, self.model.config.image_token_id, engine.data_size)
-        sampler = make_sampler(job.temperature, None, job.top_p)
-        max_new = np.int32(job.max_new)
-        first = engine.start(self.model.params, batch, engine.put_replicated(sampler), seed=job.seed,
-                             stop_ids=engine.put_replicated(self.stop_array),
-                             max_new_tokens=engine.put_replicated(max_new), cache_len=self.cache_len)
-        self.state = self.slot_engine.insert(self.state, first, np.int32(slot), sampler, self.stop_array, max_new)
+        ids, mask = left_pad([job.prompt_ids], self.bucket(len(job.prompt_ids)))
+        batch = make_batch(ids, mask, job.images, self.model.config.image_token_id, self.engine.data_size)
+        self.state, first = self.slot_engine.admit(self.state, self.model.params, batch, slot,
+                                                   make_sampler(job.temperature, None, job.top_p), self.stop_array,
+                                                   job.max_new, job.seed)
         job.streamer = TextStreamer(self.model.tokenizer, 1, job.stop_strings, self.stop_ids,
                                     lambda _row, text: job.on_event({"delta": text}))
         self.slots[slot] = job

@@ -148,6 +148,8 @@ def test_transposed_decode_weights(checkpoint):
         program_params = model.engine.params_for(params, "decode_transposed" if name == "transposed" else "decode")
         logits[name] = np.asarray(jax.jit(model.engine.next_logits)(program_params, *args)[0])
     assert 0.5 < logits["reference"].std() < 50
+    # fp32, only the summation order differs: measured 1.3e-6 (shared) and 1.6e-6 (transposed) of the logits' std;
+    # 1e-4 as in the end-to-end test above, while a wrong layout, row or cache index moves logits by O(std)
     for name in ("shared", "transposed"):
         np.testing.assert_allclose(logits[name], logits["reference"], atol=1e-4 * logits["reference"].std())
 

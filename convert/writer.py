@@ -6,7 +6,8 @@ Orbax's NumpyHandler copies host arrays before writing). Instead, each param is 
 shape, dtype and a list of pieces (one per layer slot, or one for the whole array) produced only when
 written. A small Orbax `TypeHandler` (the supported extension point for new leaf types) asks Orbax for the
 array's TensorStore spec (`type_handlers.get_json_tspec_write`), with the stacked axis chunked one layer per
-chunk (`SaveArgs.shard_axes=(0,)`) and chunks of at most `CHUNK_BYTES`, then writes the pieces one after
+chunk and, within a layer, chunks of whole rows of at most `CHUNK_BYTES` (`row_block_chunks`: a loader on one
+device maps such chunk files into memory side by side instead of reading them), then writes the pieces one after
 another, chunk by chunk, casting each chunk on the way; a few chunk writes stay in flight. Orbax writes the
 tree metadata itself, with the standard `np.ndarray` type, so the result is an ordinary Orbax checkpoint of
 the stacked arrays: any Orbax restore reads it, straight onto a device mesh with per-leaf shardings, with no
@@ -33,6 +34,8 @@ layers cuts the calls but still needs a stacking pass (model + one stacked param
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -42,6 +45,7 @@ from typing import Any
 import numpy as np
 
 CHUNK_BYTES = 16 << 20  # on-disk chunk size target: bounds the writer's buffers, lets loads read in parallel
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,22 @@ class StreamedArray:
     @property
     def stacked(self) -> bool:
         return any(p.layer is not None for p in self.pieces)
+
+
+def row_block_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int, stacked: bool) -> tuple[int, ...]:
+    """The chunk shape of a param: one layer per chunk when `stacked`, and within it blocks of whole rows (full
+    trailing axes) of at most `chunk_bytes`, a whole number of pages where that fits the budget. Chunk files
+    side by side are then the param's bytes in C order, which a load maps into memory instead of reading
+    (`llava_jax.zarr_read.map_array`)."""
+    lead, rest = ((1,), shape[1:]) if stacked else ((), shape)
+    if not rest:
+        return lead
+    row_bytes = max(1, math.prod(rest[1:]) * itemsize)
+    rows = max(1, chunk_bytes // row_bytes)
+    page_rows = PAGE // math.gcd(row_bytes, PAGE)  # rows whose bytes are a whole number of pages
+    if rows < rest[0] and page_rows <= rows:
+        rows -= rows % page_rows
+    return (*lead, min(rows, rest[0]), *rest[1:])
 
 
 class WriteCancelled(RuntimeError):
@@ -120,6 +140,8 @@ def _streamed_handler(progress, cancel: threading.Event, idle: threading.Event, 
             info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
             dtype=value.dtype, process_index=0 if info.is_ocdbt_checkpoint else None, arg=arg,
         )
+        spec["metadata"]["chunks"] = list(row_block_chunks(value.shape, np.dtype(value.dtype).itemsize, chunk_bytes,
+                                                           value.stacked))
         store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
         chunk = tuple(store.chunk_layout.write_chunk.shape)
         for piece in value.pieces:
@@ -129,7 +151,7 @@ def _streamed_handler(progress, cancel: threading.Event, idle: threading.Event, 
                 assert chunk[0] == 1, chunk
                 dest, piece_chunk = store[piece.layer], chunk[1:]
             data = piece.read()
-            regions = [tuple(slice(s, s + c) for s, c in zip(starts, piece_chunk, strict=True))
+            regions = [tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, piece_chunk, data.shape, strict=True))
                        for starts in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, piece_chunk,
                                                                                          strict=True)))]
             for i, region in enumerate(regions):  # chunk by chunk: never a cast copy of the whole piece

@@ -251,10 +251,11 @@ def _check_stored_shapes(path: str, have: dict[str, tuple[int, ...]], want: dict
 def _read_plain_params(path: str, abstract, verify: bool | None) -> dict | None:
     """The param tree read by `zarr_read` onto the default device; None when some param is not a plain Zarr
     array (or the directory lists other params than `abstract`'s): Orbax reads those."""
+    from . import file_mapping
     from .direct_read import adopt_host_arrays, run_jobs
     from .integrity import checksum_error
     from .weights import aligned_empty, tree_from_paths
-    from .zarr_read import chunk_jobs, open_array
+    from .zarr_read import chunk_jobs, chunk_regions, map_array, mapped_chunk_job, mapped_chunks, open_array
 
     params_dir = os.path.join(path, PARAMS_DIR)
     want = flatten(abstract)
@@ -271,14 +272,31 @@ def _read_plain_params(path: str, abstract, verify: bool | None) -> dict | None:
     if manifest is None and _written_with_checksums(path):
         raise CheckpointError(f"{path}: {MANIFEST_FILE} is missing (it was written with the checkpoint); {RECONVERT}")
     digests = part_digests(manifest, path) if manifest is not None and verification_enabled(verify) else {}
-    dests = {k: aligned_empty(a.shape, a.dtype) for k, a in want.items()}
     bad: list[tuple[str, str | None]] = []
-    jobs = [job for k, a in arrays.items() for job in chunk_jobs(a, dests[k], digests, lambda *b: bad.append(b))]
-    if manifest is not None:  # presence and sizes of every file; hashes of those the jobs do not read whole
-        read_whole = {(a.directory, a.chunk_bytes) for a in arrays.values()}
-        verify_manifest(path, verify, remedy=RECONVERT, hashed_elsewhere={  # the chunk files, hashed by the jobs
-            key for key in digests if key[1] == 0 and (os.path.dirname(key[0]), key[2]) in read_whole
-            and re.fullmatch(r"\d+(\.\d+)*", os.path.basename(key[0]))})
+    on_mismatch = lambda *b: bad.append(b)  # noqa: E731
+    # Params stored in the target dtype in mappable chunks are memory-mapped (`zarr_read.map_array`), the others read.
+    mapped = {k for k, a in arrays.items() if np.dtype(want[k].dtype) == a.dtype and mapped_chunks(a) is not None
+              and file_mapping.supported()}
+    hashed = set()  # the manifest parts that the jobs hash: whole chunk files (an edge chunk's padding is not mapped)
+    for k, a in arrays.items():
+        whole = {(file, 0, a.chunk_bytes) for file, region in chunk_regions(a)
+                 if k not in mapped or math.prod(r.stop - r.start for r in region) == math.prod(a.chunks)}
+        hashed |= whole & digests.keys()
+    if manifest is not None:  # presence and sizes of every file (before any is mapped); hashes of the others
+        verify_manifest(path, verify, remedy=RECONVERT, hashed_elsewhere=hashed)
+    dests, jobs = {}, []
+    for k, a in arrays.items():
+        try:
+            got = map_array(a) if k in mapped else None
+        except OSError:  # e.g. the process's limit on mappings: read this one
+            got = None
+        if got is not None:
+            dests[k] = got[0]
+            jobs += [mapped_chunk_job(view, file, digests.get((file, 0, view.nbytes)) if (file, 0, view.nbytes) in hashed
+                                      else None, on_mismatch) for file, view in got[1]]
+        else:
+            dests[k] = aligned_empty(a.shape, want[k].dtype)
+            jobs += chunk_jobs(a, dests[k], digests, on_mismatch)
     run_jobs(jobs)
     if bad:
         raise checksum_error(path, bad, RECONVERT)

@@ -54,6 +54,9 @@ def test_project(shape, dtype, transposed):
 ATTENTION_CASES = {
     # name: (q_len, kv_len, heads, kv_heads, causal, mask kind)
     "prompt causal, left padding, GQA, 3 blocks": (300, 300, 4, 2, True, "left_pad"),
+    "prompt causal, left padding keys far larger": (200, 200, 4, 2, True, "left_pad_loud"),
+    "prompt causal, no mask, odd length": (131, 131, 4, 1, True, None),
+    "prompt causal, a query x key mask": (150, 150, 4, 2, True, "full"),
     "vision: no mask": (17, 17, 4, 4, False, None),
     "decode, 1 kv head": (1, 40, 8, 1, False, "random"),
     "decode, 8 kv heads (block-diagonal)": (1, 40, 8, 8, False, "random"),
@@ -68,13 +71,18 @@ def test_attention(case):
     rng = np.random.default_rng(len(case))
     q, k, v = rand(rng, 2, q_len, heads, 16), rand(rng, 2, kv_len, kv_heads, 16), rand(rng, 2, kv_len, kv_heads, 16)
     mask = None
-    if mask_kind == "left_pad":
+    if mask_kind in ("left_pad", "left_pad_loud"):
         mask = jnp.asarray(np.arange(kv_len)[None, None, None, :] >= np.array([0, 37])[:, None, None, None])
+    if mask_kind == "left_pad_loud":  # padding keys whose scores dwarf the real ones: masked, they weigh nothing
+        k = k.at[1, :37].multiply(1e4)
     elif mask_kind == "random":
         mask = jnp.asarray(rng.random((2, 1, 1, kv_len)) > 0.3)
+    elif mask_kind == "full":  # (batch, 1, q_len, kv_len): the general path
+        mask = jnp.asarray(rng.random((2, 1, q_len, kv_len)) > 0.2) | jnp.eye(q_len, kv_len, dtype=bool)
     got = np.asarray(jax.jit(lambda *a: CPU.attention(*a, causal=causal))(q, k, v, mask))
     want = np.asarray(REF.attention(q, k, v, mask, causal=causal))
-    if mask_kind == "left_pad":  # query rows of padding see no key: never read
+    assert np.isfinite(got).all()
+    if mask_kind in ("left_pad", "left_pad_loud"):  # query rows of padding see no key: never read
         got, want = got[1, 37:], want[1, 37:]
     np.testing.assert_allclose(got, want, atol=F32_BOUND)
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from files import file_tree
 
 import llava_jax
 from convert.atomic import DestinationError
@@ -38,15 +39,6 @@ def sharded(tmp_path_factory):
     return path
 
 
-def tree(path):
-    """{relative path: bytes} of everything under `path`."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            out[os.path.relpath(full, path)] = open(full, "rb").read()
-    return out
-
 
 def leftovers(parent):
     return sorted(f for f in os.listdir(parent) if ".tmp-" in f or ".old-" in f)
@@ -61,15 +53,15 @@ def test_force_refuses_a_conversion_with_foreign_entries_and_deletes_nothing(tin
     (out / "notes.txt").write_text("keep me")
     (out / "runs").mkdir()
     (out / "runs" / "log.txt").write_text("mine too")
-    before = tree(out)
+    before = file_tree(out)
     with pytest.raises(DestinationError, match=r"holds entries that a conversion does not write \(notes\.txt, "
                                                r"runs\).*not replacing it even with --force"):
         convert(str(tiny_model_dir), str(out), force=True)
-    assert tree(out) == before and leftovers(tmp_path) == []
+    assert file_tree(out) == before and leftovers(tmp_path) == []
     done = subprocess.run([sys.executable, "-m", "convert", str(tiny_model_dir), str(out), "--force", "--quiet"],
                           capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "notes.txt" in done.stderr
-    assert tree(out) == before
+    assert file_tree(out) == before
     # a conversion with nothing added is replaced
     (out / "notes.txt").unlink()
     shutil.rmtree(out / "runs")

@@ -4,19 +4,11 @@ import json
 import os
 
 import pytest
+from files import file_tree
 
 from llava_jax.train.data import load_dataset
 from llava_jax.train.evaluate import evaluate, normalize_answer
 from llava_jax.train.shapes import COLORS, SHAPES, make_shapes_dataset
-
-
-def _files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = open(path, "rb").read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +20,10 @@ def shapes(tmp_path_factory):
 def test_dataset_is_deterministic_from_the_seed(shapes, tmp_path):
     again = make_shapes_dataset(str(tmp_path / "again"), train=12, test=4, seed=3, progress=False)
     other = make_shapes_dataset(str(tmp_path / "other"), train=12, test=4, seed=4, progress=False)
-    first = _files(shapes["image_folder"])
+    first = file_tree(shapes["image_folder"])
     assert len(first) == 12 + 4 + 3
-    assert _files(again["image_folder"]) == first
-    different = _files(other["image_folder"])
+    assert file_tree(again["image_folder"]) == first
+    different = file_tree(other["image_folder"])
     assert different.keys() == first.keys() and different != first
     with pytest.raises(FileExistsError, match="--force"):
         make_shapes_dataset(str(tmp_path / "again"), train=2, test=1, seed=3, progress=False)

@@ -77,11 +77,33 @@ def test_repeated_loads_give_the_median_and_the_highest_peak():
     assert s["load_runs_s"] == [3.0, 1.0, 2.0] and s["load_peak_rss_gb"] == 2.0 and s["load_peak_rss_rise_gb"] == 1.5
 
 
-def test_bench_reports_every_field(checkpoint, capsys):
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    from convert import convert
+
+    path = tmp_path_factory.mktemp("bench-converted") / "tiny"
+    convert(str(checkpoint), str(path), dtype="float32")
+    return path
+
+
+def test_converted_model_needs_its_torch_model(converted):
+    """transformers cannot read llava-jax's converted format: one line naming the option, before anything runs."""
+    exe = shutil.which("llava-jax", path=os.path.dirname(sys.executable)) or shutil.which("llava-jax")
+    for extra in ([], ["--load-only"]):  # --train-step takes the first path
+        proc = subprocess.run([exe, "bench", "--model", str(converted), "--compare-torch", *extra], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.fullmatch(r"llava-jax: error: --compare-torch: \S+ is a converted llava-jax checkpoint, .* "
+                            r"--torch-model\n", proc.stderr), proc.stderr
+
+
+def test_bench_reports_every_field(checkpoint, converted, capsys):
+    """The llava-jax side loads the converted checkpoint, transformers its safetensors source (--torch-model)."""
     new_tokens = 6
-    out = cli("bench", "--model", str(checkpoint), "--image-size", "200x150", "--new-tokens", str(new_tokens),
-              "--repeats", "1", "--compare-torch", "--json").stdout
+    out = cli("bench", "--model", str(converted), "--torch-model", str(checkpoint), "--image-size", "200x150",
+              "--new-tokens", str(new_tokens), "--repeats", "1", "--compare-torch", "--json").stdout
     r = json.loads(out)
+    assert r["model"] == str(converted) and r["torch_model"] == str(checkpoint)
     assert r["dtype"] == "float32" and r["image_size"] == [200, 150] and r["batch"] == 1
     assert r["kernels"] == "auto" and r["jax"]["kernels"] == "xla_cpu"  # requested; resolved on CPU
     assert r["new_tokens"] == new_tokens and r["crops"] >= 2 and 0 < r["image_tokens"] < r["prompt_tokens"]

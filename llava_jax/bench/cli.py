@@ -7,11 +7,25 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import InputError
 from .checkpoints import SHAPES, make_checkpoint
 from .child import run_child
 from .inputs import PROMPT
 from .measure import common_prefix, log, machine_info, measure_bandwidth, summarize_loads, text_weight_bytes
 from .report import print_report
+
+
+def torch_side_opts(opts: dict, args) -> dict:
+    """The transformers side's options: --torch-model in place of --model where given. A converted --model
+    (llava-jax's own format, which transformers cannot read) needs it: InputError before anything runs."""
+    if args.torch_model:
+        return {**opts, "model": args.torch_model}
+    from ..checkpoint import is_converted
+
+    if is_converted(opts["model"]):
+        raise InputError(f"--compare-torch: {opts['model']} is a converted llava-jax checkpoint, which transformers "
+                         "cannot read; name its safetensors source with --torch-model")
+    return opts
 
 
 def run_bench(args) -> dict:
@@ -32,8 +46,9 @@ def run_bench(args) -> dict:
     opts = {"model": model_dir, "dtype": args.dtype, "image_size": [width, height], "image": args.image,
             "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "text": text,
             "compile_cache": args.compile_cache, "mesh": args.mesh, "fsdp": args.fsdp, "kernels": args.kernels}
+    torch_opts = torch_side_opts(opts, args) if args.compare_torch else None
     if args.train_step:
-        return run_train_step_bench(opts, model_dir, args)
+        return run_train_step_bench(opts, torch_opts, model_dir, args)
     weights = text_weight_bytes(config, args.dtype)
     log("measuring memory read bandwidth")
     bw = measure_bandwidth()
@@ -41,7 +56,7 @@ def run_bench(args) -> dict:
     result = {
         "model": model_dir, "dtype": args.dtype, "kernels": args.kernels, "image_size": [width, height],
         "batch": args.batch, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "machine": machine_info(),
+        "torch_model": torch_opts["model"] if torch_opts else None, "machine": machine_info(),
         "floor": {**weights, "bandwidth_gbs": bw["read_gbs"], "bandwidth_gbs_median": bw["read_gbs_median"],
                   "decode_floor_tok_s": floor_tok_s},
     }
@@ -53,7 +68,7 @@ def run_bench(args) -> dict:
         result[key] = jax_res.pop(key)
     if args.compare_torch:
         log("transformers (PyTorch) side")
-        torch_res = run_child("torch", opts)
+        torch_res = run_child("torch", torch_opts)
         torch_res["floor_pct"] = 100 * torch_res["decode_tok_s"] / floor_tok_s
         result["torch"] = torch_res
         result["same_input_ids"] = torch_res.pop("input_ids_crc") == jax_res["input_ids_crc"]
@@ -77,15 +92,15 @@ def run_load_bench(args) -> dict:
 
         model_dir = str(default_model_dir())
     opts = {"model": model_dir, "dtype": args.dtype, "mesh": args.mesh, "fsdp": args.fsdp, "kernels": args.kernels}
-    sides = ["jax"] + (["torch"] if args.compare_torch else [])
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    side_opts = {"jax": opts, **({"torch": torch_side_opts(opts, args)} if args.compare_torch else {})}
+    runs: dict[str, list[dict]] = {side: [] for side in side_opts}
     for i in range(1 + args.repeats):
-        for side in sides:
-            side_opts = {**opts, "model": args.torch_model} if side == "torch" and args.torch_model else opts
-            runs[side].append(run_child(f"{side}_load", side_opts))
+        for side in side_opts:
+            runs[side].append(run_child(f"{side}_load", side_opts[side]))
             log(f"{side} load {i}: {runs[side][-1]['load_s']:.2f} s, peak RSS "
                 f"{runs[side][-1]['load_peak_rss_gb']:.2f} GB")
-    result = {"model": model_dir, "torch_model": args.torch_model or model_dir, "dtype": args.dtype,
+    result = {"model": model_dir, "torch_model": side_opts["torch"]["model"] if args.compare_torch else None,
+              "dtype": args.dtype,
               "load_only": True, "loads": 1 + args.repeats,
               "machine": machine_info()}
     result.update({side: summarize_loads(side_runs) for side, side_runs in runs.items()})
@@ -97,7 +112,7 @@ def run_load_bench(args) -> dict:
     return result
 
 
-def run_train_step_bench(opts: dict, model_dir: str, args) -> dict:
+def run_train_step_bench(opts: dict, torch_opts: dict | None, model_dir: str, args) -> dict:
     """`--train-step`: one fine-tuning step per side (`train_step.py`), fp32."""
     result = {"model": model_dir, "mode": "train_step", "dtype": "float32", "image_size": opts["image_size"],
               "batch": args.batch, "repeats": args.repeats, "machine": machine_info()}
@@ -105,7 +120,7 @@ def run_train_step_bench(opts: dict, model_dir: str, args) -> dict:
     result["jax"] = run_child("jax_train", opts)
     if args.compare_torch:
         log("transformers (PyTorch) train step")
-        result["torch"] = run_child("torch_train", opts)
+        result["torch"] = run_child("torch_train", torch_opts)
         result["ratios"] = {"tokens_per_s": result["jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"],
                             "peak_rss": result["jax"]["peak_rss_gb"] / result["torch"]["peak_rss_gb"]}
     return result
@@ -146,8 +161,8 @@ def add_bench_parser(subparsers, add_model_args) -> argparse.ArgumentParser:
                    help="time only loading the model (and its peak RSS), 1 + --repeats times per side, each in a "
                    "fresh process; the medians")
     p.add_argument("--torch-model", metavar="DIR",
-                   help="with --compare-torch: the checkpoint transformers loads (default: --model); e.g. the "
-                   "safetensors source of a converted --model")
+                   help="with --compare-torch: the checkpoint transformers loads (default: --model); needed for a "
+                   "converted --model: its safetensors source")
     p.add_argument("--compile-cache", action="store_true",
                    help="let the llava-jax side use the persistent compilation cache (default: off, so that "
                    "the cold run compiles)")

@@ -18,7 +18,6 @@ POSIX only (Linux, macOS): `map_files` returns None elsewhere, and the caller re
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import weakref
@@ -35,7 +34,7 @@ def _c_library():
     """libc's mmap and munmap through ctypes (Python's `mmap` module cannot map at a given address)."""
     global _libc
     if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's, on POSIX
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_long]
@@ -46,7 +45,7 @@ def _c_library():
 
 def supported() -> bool:
     """True where `map_files` can map (POSIX with MAP_FIXED)."""
-    return os.name == "posix" and hasattr(mmap, "MAP_PRIVATE") and ctypes.util.find_library("c") is not None
+    return os.name == "posix" and hasattr(mmap, "MAP_ANONYMOUS")
 
 
 def round_up(n: int, to: int = PAGE) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import InputError
 from .checkpoints import SHAPES, make_checkpoint
 from .child import run_child
 from .inputs import PROMPT
@@ -21,6 +20,7 @@ def torch_side_opts(opts: dict, args) -> dict:
     if args.torch_model:
         return {**opts, "model": args.torch_model}
     from ..checkpoint import is_converted
+    from ..errors import InputError
 
     if is_converted(opts["model"]):
         raise InputError(f"--compare-torch: {opts['model']} is a converted llava-jax checkpoint, which transformers "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -44,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax.file_mapping import PAGE
+
 CHUNK_BYTES = 16 << 20  # on-disk chunk size target: bounds the writer's buffers, lets loads read in parallel
-PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)

@@ -274,26 +274,26 @@ def _read_plain_params(path: str, abstract, verify: bool | None) -> dict | None:
     digests = part_digests(manifest, path) if manifest is not None and verification_enabled(verify) else {}
     bad: list[tuple[str, str | None]] = []
     on_mismatch = lambda *b: bad.append(b)  # noqa: E731
-    # Params stored in the target dtype in mappable chunks are memory-mapped (`zarr_read.map_array`), the others read.
-    mapped = {k for k, a in arrays.items() if np.dtype(want[k].dtype) == a.dtype and mapped_chunks(a) is not None
-              and file_mapping.supported()}
-    hashed = set()  # the manifest parts that the jobs hash: whole chunk files (an edge chunk's padding is not mapped)
+    # Params stored in the target dtype in mappable chunks are memory-mapped (`zarr_read.map_array`), the others read:
+    # {param: its chunk files and the bytes of each that are mapped} for the first kind.
+    mappable = {k: parts for k, a in arrays.items() if file_mapping.supported() and np.dtype(want[k].dtype) == a.dtype
+                and (parts := mapped_chunks(a)) is not None}
+    hashed = set()  # the manifest parts that the jobs hash (a mapped edge chunk only up to the array's end)
     for k, a in arrays.items():
-        whole = {(file, 0, a.chunk_bytes) for file, region in chunk_regions(a)
-                 if k not in mapped or math.prod(r.stop - r.start for r in region) == math.prod(a.chunks)}
-        hashed |= whole & digests.keys()
+        files = mappable[k] if k in mappable else [(file, a.chunk_bytes) for file, _ in chunk_regions(a)]
+        hashed |= {(file, 0, nbytes) for file, nbytes in files} & digests.keys()
     if manifest is not None:  # presence and sizes of every file (before any is mapped); hashes of the others
         verify_manifest(path, verify, remedy=RECONVERT, hashed_elsewhere=hashed)
     dests, jobs = {}, []
     for k, a in arrays.items():
         try:
-            got = map_array(a) if k in mapped else None
+            got = map_array(a, mappable[k]) if k in mappable else None
         except OSError:  # e.g. the process's limit on mappings: read this one
             got = None
         if got is not None:
             dests[k] = got[0]
-            jobs += [mapped_chunk_job(view, file, digests.get((file, 0, view.nbytes)) if (file, 0, view.nbytes) in hashed
-                                      else None, on_mismatch) for file, view in got[1]]
+            jobs += [mapped_chunk_job(view, file, digests.get((file, 0, view.nbytes)), on_mismatch)
+                     for file, view in got[1]]
         else:
             dests[k] = aligned_empty(a.shape, want[k].dtype)
             jobs += chunk_jobs(a, dests[k], digests, on_mismatch)

@@ -44,7 +44,7 @@ def _c_library():
 
 
 def supported() -> bool:
-    """True where `map_files` can map (POSIX with MAP_FIXED)."""
+    """True where `map_files` can map (POSIX: anonymous and fixed-address mappings)."""
     return os.name == "posix" and hasattr(mmap, "MAP_ANONYMOUS")
 
 

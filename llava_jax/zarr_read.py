@@ -134,16 +134,13 @@ def mapped_chunks(array: ZarrArray) -> list[tuple[str, int]] | None:
     return parts if all(n % PAGE == 0 for _, n in parts[:-1]) else None
 
 
-def map_array(array: ZarrArray) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]] | None:
-    """`array` (its stored dtype and shape) as a copy-on-write memory mapping of its chunk files, and each chunk's
-    (file, uint8 view of its bytes in the mapping); None where its chunks cannot be mapped (`mapped_chunks`) or
-    the platform cannot map. Every chunk file's size is checked first (a short file would fault when read);
+def map_array(array: ZarrArray, parts: list[tuple[str, int]]) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]] | None:
+    """`array` (its stored dtype and shape) as a copy-on-write memory mapping of its chunk files `parts`
+    (`mapped_chunks(array)`), and each chunk's (file, uint8 view of its bytes in the mapping); None where the
+    platform cannot map. Every chunk file's size is checked first (a short file would fault when read);
     CheckpointError names it."""
     from .file_mapping import map_files
 
-    parts = mapped_chunks(array)
-    if parts is None:
-        return None
     for path, _ in parts:
         try:
             _check_size(array, path, os.path.getsize(path))

@@ -239,6 +239,9 @@ def restore_params(path: str, abstract, shardings=None, concurrent_gb: int = RES
 
 
 def _check_stored_shapes(path: str, have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> None:
+    if any(k.endswith("/kernel") for k in have):  # a square kernel would fit its (out, in) weight's shape
+        raise CheckpointError(f"{path} was converted by an earlier llava-jax, which stored Linear weights transposed, "
+                              f"as (in, out) 'kernel's; {RECONVERT}")
     if have != want:
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))

@@ -2,9 +2,8 @@
 
 Each source tensor is read from its file in panels of rows (`os.preadv` into a small per-thread buffer, not a
 memory map: the file's pages never count in this process's memory, and there are no page faults) and each
-panel is cast and, for torch (out, in) weights, transposed into its place in the param array, in tiles small
-enough for the CPU cache (numpy's transposing cast of a whole matrix walks memory across rows and runs at
-half the speed of a plain cast). Tensors are spread over threads: reads, casts and copies release the GIL.
+panel is cast into its place in the param array (`half_cast.cast_into`; params keep torch's layouts, so a panel
+is a run of the param's rows). Tensors are spread over threads: reads and casts release the GIL.
 
 Memory: the param arrays (the model, in its target dtype) plus one panel buffer per thread. Nothing else:
 no per-tensor copy, no per-layer array, no second copy of a stacked param.
@@ -21,18 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .half_cast import cast_into
 from .integrity import new_hasher
 from .safetensors_io import TensorRef
-from .weights import Target
 
-PANEL_BYTES = 8 << 20  # read size of a tensor that needs no transposing
-TILE = 128  # rows of a panel and columns of a tile of a transposed copy: a 128 x 128 tile fits in L2
+PANEL_BYTES = 8 << 20  # bytes read at once (whole rows; at least one row)
 MAX_THREADS = 8
-
-
-def transposes(target: Target) -> bool:
-    """True when `weights.transform` transposes this target's tensor (torch Linear and patch Conv2d weights)."""
-    return (target.kind == "dense" and target.leaf == "kernel") or target.kind == "conv"
 
 
 def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
@@ -45,45 +38,30 @@ def read_into(fd: int, view: memoryview, offset: int, path: str) -> None:
         view, offset = view[n:], offset + n
 
 
-def copy_transposed(dest: np.ndarray, panel: np.ndarray) -> None:
-    """dest[...] = panel.T (casting to dest's dtype) in tiles of `TILE` columns of `panel`."""
-    tile = TILE
-    for j in range(0, panel.shape[1], tile):
-        dest[j : j + tile] = panel[:, j : j + tile].T
-
-
-def fill(dest: np.ndarray | None, ref: TensorRef, target: Target | None, buffer: np.ndarray, hasher=None) -> None:
-    """Read tensor `ref` into `dest` (its slot of the param, in param layout and dtype), panel by panel
-    through `buffer` (uint8, at least one panel: `panel_bytes(ref)`); every byte read also goes to `hasher`.
-    dest None: only hash."""
+def fill(dest: np.ndarray | None, ref: TensorRef, buffer: np.ndarray, hasher=None) -> None:
+    """Read tensor `ref` into `dest` (its slot of the param, in param layout and dtype: the tensor's elements in
+    order), panel by panel through `buffer` (uint8, at least one panel: `panel_bytes(ref)`); every byte read
+    also goes to `hasher`. dest None: only hash."""
     rows = ref.shape[0] if ref.shape else 1
-    row_shape = ref.shape[1:]
-    row_bytes = max(1, math.prod(row_shape) * ref.dtype.itemsize)
+    row_bytes = max(1, math.prod(ref.shape[1:]) * ref.dtype.itemsize) if ref.shape else ref.nbytes
     step = panel_rows(ref)
-    transposed = target is not None and transposes(target)
-    flat = None if dest is None or transposed else dest.reshape(rows, -1) if ref.shape else dest.reshape(1, -1)
+    flat = None if dest is None else dest.reshape(rows, -1)
     with open(ref.file, "rb", buffering=0) as f:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            nbytes = (r1 - r0) * row_bytes if ref.shape else ref.nbytes
+            nbytes = (r1 - r0) * row_bytes
             read_into(f.fileno(), memoryview(buffer)[:nbytes], ref.start + r0 * row_bytes, ref.file)
             if hasher is not None:
                 hasher.update(memoryview(buffer)[:nbytes])
-            if dest is None:
-                continue
-            panel = buffer[:nbytes].view(ref.dtype).reshape(r1 - r0, -1)
-            if transposed:  # (rows, in) -> dest (in, rows): these rows are dest's columns r0:r1
-                copy_transposed(dest[:, r0:r1], panel)
-            else:
-                np.copyto(flat[r0:r1], panel, casting="unsafe")
+            if flat is not None:
+                cast_into(flat[r0:r1], buffer[:nbytes].view(ref.dtype).reshape(r1 - r0, -1))
 
 
 def panel_rows(ref: TensorRef) -> int:
     """Rows of `ref` read at once."""
     if not ref.shape:
         return 1
-    row_bytes = max(1, math.prod(ref.shape[1:]) * ref.dtype.itemsize)
-    return TILE if len(ref.shape) >= 2 and ref.shape[0] > TILE else max(1, PANEL_BYTES // row_bytes)
+    return max(1, PANEL_BYTES // max(1, math.prod(ref.shape[1:]) * ref.dtype.itemsize))
 
 
 def panel_bytes(ref: TensorRef) -> int:
@@ -101,7 +79,7 @@ class ReadJob:
     run: Callable[[np.ndarray], None]
 
 
-def tensor_job(dest: np.ndarray | None, ref: TensorRef, target: Target | None, expected=None,
+def tensor_job(dest: np.ndarray | None, ref: TensorRef, expected=None,
                on_mismatch: Callable[[str, str | None], None] | None = None) -> ReadJob:
     """The job that `fill`s safetensors tensor `ref` into `dest` (None: only hashes it). expected: the tensor's
     (digest, owner) in the checkpoint's manifest: its bytes are hashed as they are read, and
@@ -109,7 +87,7 @@ def tensor_job(dest: np.ndarray | None, ref: TensorRef, target: Target | None, e
 
     def run(buffer: np.ndarray) -> None:
         hasher = None if expected is None else new_hasher()
-        fill(dest, ref, target, buffer, hasher)
+        fill(dest, ref, buffer, hasher)
         if hasher is not None and hasher.hexdigest() != expected[0]:
             on_mismatch(ref.file, expected[1])
 

@@ -1,8 +1,8 @@
 """Export back to PyTorch: a llava-jax param tree -> a llava-hf checkpoint that transformers loads.
 
 `export_hf_state_dict` is the inverse of the loading path (`weights.py`): every stacked (layers, ...) param is
-unstacked, kernels are transposed back to torch's (out, in) weights, the patch-embedding matmul kernel becomes
-the (out, channels, patch, patch) Conv2d weight again, and each tensor is named as transformers 5's
+unstacked (params keep torch's layouts: Linear weights are (out, in) already), the patch-embedding matmul weight
+becomes the (out, channels, patch, patch) Conv2d weight again, and each tensor is named as transformers 5's
 `save_pretrained` names it for LlavaForConditionalGeneration / LlavaNextForConditionalGeneration. The names are
 derived from the loading table (`weights.RULES`), and every one is checked to load
 back into the param it came from, so the two directions cannot drift apart.
@@ -44,11 +44,11 @@ _SAVED_PREFIXES = (("text.lm_head.", "language_model.lm_head."), ("text.", "lang
                    ("vision.", "vision_tower."), ("projector.", "multi_modal_projector."),
                    ("image_newline", "image_newline"))
 # the param leaf -> the torch tensor suffix, per transform kind (the inverse of weights.map_name's renaming)
-_TORCH_LEAF = {"dense": {"kernel": "weight"}, "norm": {"scale": "weight"}}
+_TORCH_LEAF = {"norm": {"scale": "weight"}}
 
 
 def _template_regex(template: str) -> re.Pattern:
-    """A param path template of `weights.RULES` ("language_model/layers/{m}/kernel") as a regex."""
+    """A param path template of `weights.RULES` ("language_model/layers/{m}/weight") as a regex."""
     parts = re.split(r"\{(\w+)\}", template)
     regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
     return re.compile(regex + "$")
@@ -95,13 +95,11 @@ def hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, str]:
     raise CheckpointError(f"param {joined} has no llava-hf tensor name")
 
 
-def to_torch_layout(value: np.ndarray, kind: str, leaf: str, config: LlavaConfig) -> np.ndarray:
-    """A param (one layer of it) -> the torch tensor `weights.transform` made it from (a view where it can)."""
-    if kind == "dense" and leaf == "kernel":
-        return value.T
-    if kind == "conv":  # (c * kh * kw, out) -> (out, c, kh, kw), inverting clip.py's patch flattening
+def to_torch_layout(value: np.ndarray, kind: str, config: LlavaConfig) -> np.ndarray:
+    """A param (one layer of it) -> the torch tensor `weights.transform` made it from (a view)."""
+    if kind == "conv":  # (out, c * kh * kw) -> (out, c, kh, kw), inverting clip.py's patch flattening
         v = config.vision
-        return value.T.reshape(value.shape[1], v.num_channels, v.patch_size, v.patch_size)
+        return value.reshape(value.shape[0], v.num_channels, v.patch_size, v.patch_size)
     return value
 
 
@@ -125,7 +123,7 @@ def export_hf_state_dict(params, config: LlavaConfig) -> dict[str, np.ndarray]:
             target = map_name(name, "hf", config)
             if target is None or (target.path, target.layer) != (path, layer):  # the table is inconsistent
                 raise AssertionError(f"{name} does not load back into {'/'.join(path)} (layer {layer})")
-            out[name] = to_torch_layout(array, kind, path[-1], config)
+            out[name] = to_torch_layout(array, kind, config)
     return out
 
 

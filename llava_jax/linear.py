@@ -1,13 +1,13 @@
 """`Linear`: the weights of one linear map, applied by the model's kernels.
 
-The module only declares `kernel` (in, out) and `bias` (out,) — `flax.linen.Dense`'s tree — and returns them,
-so that a layer can hand several maps of the same input to `Kernels.project` at once (a backend may fuse them).
+The module only declares `weight` (out, in) and `bias` (out,) — torch's `nn.Linear` layout, so that a checkpoint's
+tensors are the params as they are (loading is a cast, not a transpose) — and returns them, so that a layer can
+hand several maps of the same input to `Kernels.project` at once (a backend may fuse them).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class Linear(nn.Module):
@@ -17,15 +17,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int):
-        """Returns (kernel, bias or None). A kernel in a backend's own form (not an array: a pytree node made by
-        `Kernels.prepare`, e.g. a transposed copy) is returned as given, for that backend's `project`."""
-        given = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
-        if given is not None and not isinstance(given, jax.Array | np.ndarray):
-            kernel = given
-        else:
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
+        """Returns (weight (out, in), bias (out,) or None)."""
+        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)  # fan_in is the last axis
+        weight = self.param("weight", init, (self.features, in_features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype) if self.use_bias else None
-        return kernel, bias
+        return weight, bias
 
 
 def stacked_layers(module: nn.Module, name: str, layer: nn.Module, count: int, *example_args):

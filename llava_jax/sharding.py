@@ -3,7 +3,7 @@
 Two mesh axes: `data` (the batch: data parallelism) and `model` (heads, MLP and vocabulary: tensor parallelism).
 Every array the model touches gets logical axis names, in two steps, both tables in this file:
 
-1. `PARAM_AXES`: a regex on the parameter path ("language_model/layers/q_proj/kernel") -> one logical name per
+1. `PARAM_AXES`: a regex on the parameter path ("language_model/layers/q_proj/weight") -> one logical name per
    dimension. Activations, the KV cache and the decode state are named in `STATE_AXES` and `INPUT_AXES`.
 2. `AXIS_RULES`: logical name -> mesh axis (or None: replicated). `FSDP_RULES` is laid over it with
    `fsdp=True`: the `embed` dimension of every weight matrix is then sharded over `data` too, so that a model
@@ -47,29 +47,29 @@ AXES = (DATA, MODEL)
 PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
     # decoder
     (r"language_model/embed_tokens/embedding", ("vocab", "embed")),
-    (r"language_model/layers/q_proj/kernel", ("layers", "embed", "heads")),
-    (r"language_model/layers/[kv]_proj/kernel", ("layers", "embed", "kv_heads")),
-    (r"language_model/layers/o_proj/kernel", ("layers", "heads", "embed")),
-    (r"language_model/layers/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
-    (r"language_model/layers/down_proj/kernel", ("layers", "mlp", "embed")),
+    (r"language_model/layers/q_proj/weight", ("layers", "heads", "embed")),
+    (r"language_model/layers/[kv]_proj/weight", ("layers", "kv_heads", "embed")),
+    (r"language_model/layers/o_proj/weight", ("layers", "embed", "heads")),
+    (r"language_model/layers/(gate|up)_proj/weight", ("layers", "mlp", "embed")),
+    (r"language_model/layers/down_proj/weight", ("layers", "embed", "mlp")),
     (r"language_model/layers/\w+_layernorm/scale", ("layers", "vector")),
     (r"language_model/norm/scale", ("vector",)),
-    (r"language_model/lm_head/kernel", ("embed", "vocab")),
+    (r"language_model/lm_head/weight", ("vocab", "embed")),
     # CLIP vision tower
-    (r"vision_tower/patch_embedding/kernel", ("patch", "vision_embed")),
+    (r"vision_tower/patch_embedding/weight", ("vision_embed", "patch")),
     (r"vision_tower/(class_embedding|pre_layrnorm/\w+)", ("vector",)),
     (r"vision_tower/position_embedding", ("positions", "vision_embed")),
-    (r"vision_tower/layers/[qkv]_proj/kernel", ("layers", "vision_embed", "vision_heads")),
+    (r"vision_tower/layers/[qkv]_proj/weight", ("layers", "vision_heads", "vision_embed")),
     (r"vision_tower/layers/[qkv]_proj/bias", ("layers", "vision_heads")),
-    (r"vision_tower/layers/out_proj/kernel", ("layers", "vision_heads", "vision_embed")),
-    (r"vision_tower/layers/fc1/kernel", ("layers", "vision_embed", "vision_mlp")),
+    (r"vision_tower/layers/out_proj/weight", ("layers", "vision_embed", "vision_heads")),
+    (r"vision_tower/layers/fc1/weight", ("layers", "vision_mlp", "vision_embed")),
     (r"vision_tower/layers/fc1/bias", ("layers", "vision_mlp")),
-    (r"vision_tower/layers/fc2/kernel", ("layers", "vision_mlp", "vision_embed")),
+    (r"vision_tower/layers/fc2/weight", ("layers", "vision_embed", "vision_mlp")),
     (r"vision_tower/layers/(out_proj|fc2|layer_norm[12])/\w+", ("layers", "vector")),
     # projector: linear_1 column-parallel, the following ones row-parallel (Megatron-style pairs)
-    (r"multi_modal_projector/linear_1/kernel", ("vision_embed", "proj_mlp")),
+    (r"multi_modal_projector/linear_1/weight", ("proj_mlp", "vision_embed")),
     (r"multi_modal_projector/linear_1/bias", ("proj_mlp",)),
-    (r"multi_modal_projector/linear_\d+/kernel", ("proj_mlp", "embed")),
+    (r"multi_modal_projector/linear_\d+/weight", ("embed", "proj_mlp")),
     (r"multi_modal_projector/linear_\d+/bias", ("vector",)),
     (r"image_newline", ("vector",)),
 ]
@@ -130,8 +130,8 @@ def head_units(config) -> dict[str, int]:
 def logical_axes(path: str, ndim: int | None = None) -> tuple[str, ...]:
     """The logical axes of the parameter at `path` ("a/b/c"); ValueError if no rule covers it."""
     head, _, leaf = path.rpartition("/")
-    if leaf in ("lora_a", "lora_b"):  # LoRA factors: the input (a) or output (b) axes of the kernel they adapt
-        layers, fan_in, fan_out = logical_axes(head + "/kernel")
+    if leaf in ("lora_a", "lora_b"):  # LoRA factors: the input (a) or output (b) axes of the weight they adapt
+        layers, fan_out, fan_in = logical_axes(head + "/weight")
         axes = (layers, fan_in, "lora_rank") if leaf == "lora_a" else (layers, "lora_rank", fan_out)
         if ndim is not None and len(axes) != ndim:
             raise ValueError(f"sharding rule for {path} names {len(axes)} axes, the parameter has {ndim}")

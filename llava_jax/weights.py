@@ -53,18 +53,19 @@ LAYOUT_SIGNATURES = {
 }
 
 L = r"(?P<layer>\d+)"
-# (canonical regex, parameter path template, kind); kinds: "dense" (torch (out, in) weight -> (in, out)
-# kernel), "norm" (weight -> scale), "embed", "conv" (patch Conv2d -> matmul kernel), "raw".
+# (canonical regex, parameter path template, kind); kinds: "dense" (a torch Linear's (out, in) weight and bias, kept
+# as they are), "norm" (weight -> scale), "conv" (patch Conv2d (out, c, kh, kw) -> matmul weight (out, c*kh*kw)),
+# "raw".
 RULES = [
     (r"text\.embed_tokens\.weight", "language_model/embed_tokens/embedding", "raw"),
-    (rf"text\.layers\.{L}\.self_attn\.(?P<m>[qkvo]_proj)\.weight", "language_model/layers/{m}/kernel", "dense"),
-    (rf"text\.layers\.{L}\.mlp\.(?P<m>gate_proj|up_proj|down_proj)\.weight", "language_model/layers/{m}/kernel",
+    (rf"text\.layers\.{L}\.self_attn\.(?P<m>[qkvo]_proj)\.weight", "language_model/layers/{m}/weight", "dense"),
+    (rf"text\.layers\.{L}\.mlp\.(?P<m>gate_proj|up_proj|down_proj)\.weight", "language_model/layers/{m}/weight",
      "dense"),
     (rf"text\.layers\.{L}\.(?P<m>input_layernorm|post_attention_layernorm)\.weight",
      "language_model/layers/{m}/scale", "raw"),
     (r"text\.norm\.weight", "language_model/norm/scale", "raw"),
-    (r"text\.lm_head\.weight", "language_model/lm_head/kernel", "dense"),
-    (r"vision\.embeddings\.patch_embedding\.weight", "vision_tower/patch_embedding/kernel", "conv"),
+    (r"text\.lm_head\.weight", "language_model/lm_head/weight", "dense"),
+    (r"vision\.embeddings\.patch_embedding\.weight", "vision_tower/patch_embedding/weight", "conv"),
     (r"vision\.embeddings\.class_embedding", "vision_tower/class_embedding", "raw"),
     (r"vision\.embeddings\.position_embedding\.weight", "vision_tower/position_embedding", "raw"),
     (r"vision\.pre_layrnorm\.(?P<p>weight|bias)", "vision_tower/pre_layrnorm/{p}", "norm"),
@@ -99,7 +100,7 @@ class Target:
     path: tuple[str, ...]
     layer: int | None
     kind: str
-    leaf: str  # "kernel"/"scale"/"bias"/... for the transform
+    leaf: str  # "weight"/"scale"/"bias"/...
 
 
 def canonical_name(name: str, layout: str) -> str | None:
@@ -128,21 +129,18 @@ def map_name(name: str, layout: str, config: LlavaConfig) -> Target | None:
                 return None  # original pad + spatial_unpad checkpoints hold one that llava_arch never uses
             if "seq" in groups:
                 groups["seq"] = str(int(groups["seq"]) // 2 + 1)
-            if "p" in groups:
-                groups["p"] = {"dense": {"weight": "kernel"}, "norm": {"weight": "scale"}}.get(kind, {}).get(
-                    groups["p"], groups["p"]
-                )
+            if kind == "norm" and groups.get("p") == "weight":
+                groups["p"] = "scale"
             path = tuple(template.format(**groups).split("/"))
             return Target(path, layer, kind, path[-1])
     raise CheckpointError(f"unexpected tensor {name!r} for the {layout} layout: llava-jax has no parameter for it")
 
 
 def transform(array: np.ndarray, target: Target) -> np.ndarray:
-    """Source tensor -> parameter layout (before the layer slot and the dtype cast)."""
-    if target.kind == "dense" and target.leaf == "kernel":
-        return array.T
-    if target.kind == "conv":  # (out, c, kh, kw) -> (c * kh * kw, out), matching clip.py's patch flattening
-        return array.reshape(array.shape[0], -1).T
+    """Source tensor -> parameter layout (before the layer slot and the dtype cast): a reshape at most, never a
+    copy (params keep torch's layouts)."""
+    if target.kind == "conv":  # (out, c, kh, kw) -> (out, c * kh * kw), matching clip.py's patch flattening
+        return array.reshape(array.shape[0], -1)
     return array
 
 
@@ -248,9 +246,9 @@ def load_safetensors_params(sources, config: LlavaConfig, abstract, dtype, diges
         expected = digests.get((ref.file, ref.start, ref.end))
         if p is not None:
             dest = arrays[p.target.path] if p.target.layer is None else arrays[p.target.path][p.target.layer]
-            jobs.append(tensor_job(dest, ref, p.target, expected, on_mismatch))
+            jobs.append(tensor_job(dest, ref, expected, on_mismatch))
         elif expected is not None:
-            jobs.append(tensor_job(None, ref, None, expected, on_mismatch))
+            jobs.append(tensor_job(None, ref, expected, on_mismatch))
     run_jobs(jobs, progress=progress)
     return tree_from_paths(arrays)
 

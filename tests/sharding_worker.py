@@ -36,17 +36,17 @@ from builders import IMAGE_TOKEN, image_rows, random_pixels, randomize_, save, t
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
 NEW_TOKENS = 5
 REPRESENTATIVE = {
-    "q_proj": ("language_model", "layers", "q_proj", "kernel"),
-    "k_proj": ("language_model", "layers", "k_proj", "kernel"),
-    "o_proj": ("language_model", "layers", "o_proj", "kernel"),
-    "gate_proj": ("language_model", "layers", "gate_proj", "kernel"),
-    "down_proj": ("language_model", "layers", "down_proj", "kernel"),
+    "q_proj": ("language_model", "layers", "q_proj", "weight"),
+    "k_proj": ("language_model", "layers", "k_proj", "weight"),
+    "o_proj": ("language_model", "layers", "o_proj", "weight"),
+    "gate_proj": ("language_model", "layers", "gate_proj", "weight"),
+    "down_proj": ("language_model", "layers", "down_proj", "weight"),
     "embed_tokens": ("language_model", "embed_tokens", "embedding"),
-    "lm_head": ("language_model", "lm_head", "kernel"),
+    "lm_head": ("language_model", "lm_head", "weight"),
     "norm": ("language_model", "layers", "input_layernorm", "scale"),
-    "vision_q_proj": ("vision_tower", "layers", "q_proj", "kernel"),
-    "vision_fc1": ("vision_tower", "layers", "fc1", "kernel"),
-    "projector_1": ("multi_modal_projector", "linear_1", "kernel"),
+    "vision_q_proj": ("vision_tower", "layers", "q_proj", "weight"),
+    "vision_fc1": ("vision_tower", "layers", "fc1", "weight"),
+    "projector_1": ("multi_modal_projector", "linear_1", "weight"),
 }
 
 

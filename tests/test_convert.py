@@ -380,3 +380,26 @@ def test_converted_checkpoint_loads_without_torch(converted, tmp_path):
     done = run([sys.executable, str(tmp_path / "no_torch.py"), out, str(tmp_path / "inputs.npz"),
                 str(tmp_path / "logits.npy")])
     assert done.returncode == 0 and "OK without torch" in done.stdout, done.stderr[-3000:]
+
+
+def test_checkpoint_converted_with_transposed_kernels_is_refused(tiny_model_dir, tmp_path):
+    """A directory converted before Linear weights took torch's (out, in) layout holds them transposed, as
+    `kernel`s: loading it says so and names the remedy (its square weights would fit their new shapes: read as
+    they are, they would be silently wrong)."""
+    from convert.writer import save_params
+    from llava_jax.integrity import write_manifest
+
+    out = tmp_path / "old"
+    convert(str(tiny_model_dir), str(out))
+    params = llava_jax.load(str(out), mesh=None).params
+
+    def earlier_layout(tree):
+        return {("kernel" if k == "weight" else k): earlier_layout(v) if isinstance(v, dict)
+                else np.asarray(v).swapaxes(-1, -2) if k == "weight" else np.asarray(v) for k, v in tree.items()}
+
+    shutil.rmtree(out / "params")
+    save_params(str(out / "params"), earlier_layout(params))
+    write_manifest(str(out))  # a consistent checkpoint of the earlier format, checksums included
+    with pytest.raises(CheckpointError, match=r"converted by an earlier llava-jax, which stored Linear weights "
+                                              r"transposed, as \(in, out\) 'kernel's; convert it again"):
+        llava_jax.load(str(out))

@@ -49,14 +49,13 @@ def per_tensor_params(path, dtype):
     return assemble_params(items, config, abstract_params(config, dtype), np.dtype(jax.numpy.dtype(dtype)))
 
 
-# (dtype on disk, target dtype, tiles): every target from fp16 (what llava-hf publishes), fp32 sources too; "small"
-# tiles cut this toy model's tensors into many panels and tiles with ragged edges, as large models' are.
+# (dtype on disk, target dtype, panels): every target from fp16 (what llava-hf publishes), fp32 sources too; "small"
+# panels cut this toy model's tensors into many panels with ragged edges, as large models' are.
 @pytest.mark.parametrize("disk, dtype, tiles", [("float16", "float32", "small"), ("float16", "bfloat16", "small"),
                                                 ("float16", "float16", "default"), ("float32", "bfloat16", "default"),
                                                 ("float32", "float32", "small")])
 def test_safetensors_direct_read_is_bitwise_the_per_tensor_path(sources, disk, dtype, tiles, monkeypatch):
     if tiles == "small":
-        monkeypatch.setattr(direct_read, "TILE", 7)
         monkeypatch.setattr(direct_read, "PANEL_BYTES", 100)
     path = sources[disk]
     config = load_config(path)

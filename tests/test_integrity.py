@@ -15,7 +15,7 @@ from llava_jax.errors import CheckpointError, ChecksumError
 from llava_jax.integrity import MANIFEST_FILE, read_manifest, verify_manifest, write_manifest
 from llava_jax.safetensors_io import read_header
 
-LM_HEAD = "params/language_model.lm_head.kernel"
+LM_HEAD = "params/language_model.lm_head.weight"
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +53,21 @@ def test_every_file_is_listed_and_params_name_their_tensor(converted):
     assert set(manifest["files"]) == on_disk
     owners = {part[3] for rel, entry in manifest["files"].items() if rel.startswith(LM_HEAD + "/")
               for part in entry["parts"]}
-    assert owners == {"language_model/lm_head/kernel"}
+    assert owners == {"language_model/lm_head/weight"}
     assert verify_manifest(converted) is True
 
 
 def test_corrupted_array_file_is_detected_and_named(converted, copy):
     flip_middle(chunk_files(copy / LM_HEAD)[0])
-    with pytest.raises(ChecksumError, match=r"checksum mismatch in params/language_model\.lm_head\.kernel/\S+ "
-                                            r"\(tensor language_model/lm_head/kernel\).*llava-jax-convert") as e:
+    with pytest.raises(ChecksumError, match=r"checksum mismatch in params/language_model\.lm_head\.weight/\S+ "
+                                            r"\(tensor language_model/lm_head/weight\).*llava-jax-convert") as e:
         llava_jax.load(str(copy))
     assert "\n" not in str(e.value)
     # The check is what catches it: unverified, the corrupted values load silently.
     unchecked = llava_jax.load(str(copy), verify=False)
     good = llava_jax.load(converted)
-    changed = np.asarray(unchecked.params["language_model"]["lm_head"]["kernel"]) != np.asarray(
-        good.params["language_model"]["lm_head"]["kernel"])
+    changed = np.asarray(unchecked.params["language_model"]["lm_head"]["weight"]) != np.asarray(
+        good.params["language_model"]["lm_head"]["weight"])
     assert 0 < changed.sum() <= 4096 // 4 + 2  # the flipped float32 values, and nothing else
 
 
@@ -87,14 +87,14 @@ def test_support_file_corruption_names_the_file(copy):
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_deleted_array_file_is_one_line_naming_it(copy, verify):
-    victim = chunk_files(copy / "params/language_model.layers.down_proj.kernel")[-1]
+    victim = chunk_files(copy / "params/language_model.layers.down_proj.weight")[-1]
     os.remove(victim)
     with pytest.raises(CheckpointError) as e:
         llava_jax.load(str(copy), verify=verify)
     message = str(e.value)
     assert "\n" not in message
-    assert f"params/language_model.layers.down_proj.kernel/{os.path.basename(victim)}" in message
-    assert "(tensor language_model/layers/down_proj/kernel) is missing" in message
+    assert f"params/language_model.layers.down_proj.weight/{os.path.basename(victim)}" in message
+    assert "(tensor language_model/layers/down_proj/weight) is missing" in message
     assert "convert it again with llava-jax-convert SRC OUT --force" in message
 
 
@@ -107,7 +107,7 @@ def test_deleted_manifest_is_refused(copy):
 def test_truncated_file_is_caught_without_hashing(copy):
     victim = chunk_files(copy / LM_HEAD)[0]
     os.truncate(victim, os.path.getsize(victim) - 1)
-    with pytest.raises(ChecksumError, match=r"lm_head\.kernel.*bytes.*corrupted or truncated"):
+    with pytest.raises(ChecksumError, match=r"lm_head\.weight.*bytes.*corrupted or truncated"):
         llava_jax.load(str(copy), verify=False)
 
 
@@ -145,7 +145,7 @@ def test_cli_reports_corruption_and_no_verify_skips_it(copy, monkeypatch, capsys
     args = ["generate", "--model", str(copy), "--prompt", "Hi", "--max-new-tokens", "1", "--mesh", "none"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "checksum mismatch in params/language_model.lm_head.kernel" in err
+    assert err.count("\n") == 1 and "checksum mismatch in params/language_model.lm_head.weight" in err
     assert cli.main([*args, "--no-verify"]) == 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import llava_jax
 from llava_jax.bench import make_checkpoint
 from llava_jax.kernels import KernelsError, default_kernels, get_kernels, resolve_kernels
-from llava_jax.kernels.xla_cpu import TransposedKernel, bits_view, unstack_layers
+from llava_jax.kernels.xla_cpu import bits_view, unstack_layers
 
 REF, CPU = get_kernels("reference"), get_kernels("xla_cpu")
 F32_BOUND = 2e-6  # fp32 outputs of order one, only the summation order differs (measured below 5e-7)
@@ -37,16 +37,16 @@ def test_kernel_set_names():
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_project(shape, dtype, transposed):
+def test_project(shape, dtype):
     """Fused (a prompt: several tokens a row), separate (a decode step of several rows) and padded one-row
-    (16-bit) matmuls, against kernels as given or as (out, in) copies (`TransposedKernel`), equal separate
-    fp32-accumulated ones."""
+    (16-bit) matmuls against (out, in) weights equal separate fp32-accumulated ones, and x @ weight.T."""
     rng = np.random.default_rng(shape[1])
     x = rand(rng, *shape, 64, dtype=dtype)
-    weights = [(rand(rng, 64, n, dtype=dtype), None if n == 16 else rand(rng, n, dtype=dtype)) for n in (48, 16, 32)]
-    given = [(TransposedKernel(k.T.copy()) if transposed else k, b) for k, b in weights]
-    for got, want in zip(jax.jit(CPU.project)(x, given), REF.project(x, weights), strict=True):
+    weights = [(rand(rng, n, 64, dtype=dtype), None if n == 16 else rand(rng, n, dtype=dtype)) for n in (48, 16, 32)]
+    w, b = (np.asarray(a, np.float64) for a in weights[0])
+    np.testing.assert_allclose(np.asarray(REF.project(x, weights)[0]), np.asarray(x, np.float64) @ w.T + b,
+                               rtol=1e-5, atol=1e-5)  # fp32 accumulation of 64 terms against float64
+    for got, want in zip(jax.jit(CPU.project)(x, weights), REF.project(x, weights), strict=True):
         assert got.dtype == jnp.float32 and got.shape == (*shape, want.shape[-1])
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -98,15 +98,15 @@ def test_write_cache_16bit_is_exact():
 
 def test_views_share_memory(checkpoint):
     model = llava_jax.load(checkpoint, dtype="bfloat16")
-    stacked = model.params["language_model"]["layers"]["down_proj"]["kernel"]
+    stacked = model.params["language_model"]["layers"]["down_proj"]["weight"]
     unstacked = unstack_layers(model.params)["language_model"]["layers"]
     assert len(unstacked) == model.config.text.num_layers
     row = stacked.nbytes // stacked.shape[0]
     for i, p in enumerate(unstacked):
-        assert p["down_proj"]["kernel"].unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + i * row
-        np.testing.assert_array_equal(np.asarray(p["down_proj"]["kernel"]), np.asarray(stacked[i]))
+        assert p["down_proj"]["weight"].unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + i * row
+        np.testing.assert_array_equal(np.asarray(p["down_proj"]["weight"]), np.asarray(stacked[i]))
     bits = bits_view(model.params)
-    view = bits["language_model"]["layers"]["down_proj"]["kernel"]
+    view = bits["language_model"]["layers"]["down_proj"]["weight"]
     assert view.dtype == jnp.uint16 and view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer()
     embedding = model.params["language_model"]["embed_tokens"]["embedding"]
     assert bits["language_model"]["embed_tokens"]["embedding"] is embedding
@@ -130,36 +130,26 @@ def test_fp32_xla_cpu_equals_reference(checkpoint):
     assert isinstance(fast.engine.params_for(fast.params, "decode")["language_model"]["layers"], list)
 
 
-def test_transposed_decode_weights(checkpoint):
-    """prepare("decode_transposed") (the server's --decode-weights transposed): every 2-D kernel of the language
-    model becomes an (out, in) copy, and a decode step of several rows, each at its own cache index, gives the
-    logits of the shared weights and of the reference set within fp32 reduction-order noise."""
+def test_decode_step_of_several_rows(checkpoint):
+    """A decode step of several rows (the server's slots), each at its own cache index, on the per-layer views
+    of `prepare("decode")`, gives the logits of the reference set within fp32 reduction-order noise."""
     from llava_jax.llama import init_cache
 
     fast = llava_jax.load(checkpoint, kernels="xla_cpu")
     plain = llava_jax.LlavaModel(fast.config, fast.params, fast.dtype, kernels="reference")
-    transposed = fast.engine.params_for(fast.params, "decode_transposed")
-    lm, layers = transposed["language_model"], transposed["language_model"]["layers"]
-    assert isinstance(layers, list) and isinstance(lm["lm_head"]["kernel"], TransposedKernel)
-    stacked = fast.params["language_model"]["layers"]["down_proj"]["kernel"]
-    for i, layer in enumerate(layers):
-        np.testing.assert_array_equal(np.asarray(layer["down_proj"]["kernel"].t), np.asarray(stacked[i]).T)
-    assert fast.params["language_model"]["layers"]["down_proj"]["kernel"] is stacked  # the loaded weights stay
 
     rng, cfg, rows, length = np.random.default_rng(4), fast.config.text, 3, 16
     cache = {n: rand(rng, *c.shape) for n, c in init_cache(cfg, rows, length).items()}
     args = (jnp.asarray([5, 900, 31000]), jnp.asarray([7, 3, 12]), jnp.asarray(rng.random((rows, length)) > 0.3),
             cache, jnp.asarray([7, 3, 12]))
     logits = {}
-    for name, model, params in [("reference", plain, plain.params), ("shared", fast, fast.params),
-                                ("transposed", fast, fast.params)]:
-        program_params = model.engine.params_for(params, "decode_transposed" if name == "transposed" else "decode")
+    for name, model in [("reference", plain), ("xla_cpu", fast)]:
+        program_params = model.engine.params_for(model.params, "decode")
         logits[name] = np.asarray(jax.jit(model.engine.next_logits)(program_params, *args)[0])
     assert 0.5 < logits["reference"].std() < 50
-    # fp32, only the summation order differs: measured 1.3e-6 (shared) and 1.6e-6 (transposed) of the logits' std;
-    # 1e-4 as in the end-to-end test above, while a wrong layout, row or cache index moves logits by O(std)
-    for name in ("shared", "transposed"):
-        np.testing.assert_allclose(logits[name], logits["reference"], atol=1e-4 * logits["reference"].std())
+    # fp32, only the summation order differs: measured 1.3e-6 of the logits' std; 1e-4 as in the end-to-end test
+    # above, while a wrong layout, row or cache index moves logits by O(std)
+    np.testing.assert_allclose(logits["xla_cpu"], logits["reference"], atol=1e-4 * logits["reference"].std())
 
 
 def test_bf16_tracks_fp32(checkpoint):

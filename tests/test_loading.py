@@ -39,14 +39,14 @@ def test_loaded_tree_equals_init_tree(ckpt, dtype):
     assert tree_signature(model.params) == tree_signature(init)
     assert "image_newline" in model.params
     # vision layers past the feature layer (-2 of 3) are not part of the tree
-    assert model.params["vision_tower"]["layers"]["fc1"]["kernel"].shape[0] == 2
+    assert model.params["vision_tower"]["layers"]["fc1"]["weight"].shape[0] == 2
 
 
 def test_values_land_where_hf_has_them(ckpt, hf_next):
     p = llava_jax.load(ckpt).params
     sd = {k: v.numpy() for k, v in hf_next.state_dict().items()}
-    np.testing.assert_array_equal(p["language_model"]["layers"]["k_proj"]["kernel"][1],
-                                  sd["model.language_model.layers.1.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(p["language_model"]["layers"]["k_proj"]["weight"][1],
+                                  sd["model.language_model.layers.1.self_attn.k_proj.weight"])
     np.testing.assert_array_equal(p["vision_tower"]["layers"]["layer_norm2"]["scale"][0],
                                   sd["model.vision_tower.encoder.layers.0.layer_norm2.weight"])
     np.testing.assert_array_equal(p["image_newline"], sd["model.image_newline"])
@@ -57,10 +57,10 @@ def test_half_precision_checkpoints(tmp_path, disk_dtype):
     hf = build_llava("llava", "mha", seed=5).to(disk_dtype)
     path = save(hf, tmp_path / "ckpt")
     model = llava_jax.load(path, dtype="float32")
-    ref = hf.model.language_model.layers[0].mlp.up_proj.weight.detach().float().numpy().T
-    np.testing.assert_array_equal(model.params["language_model"]["layers"]["up_proj"]["kernel"][0], ref)
+    ref = hf.model.language_model.layers[0].mlp.up_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(model.params["language_model"]["layers"]["up_proj"]["weight"][0], ref)
     half = llava_jax.load(path, dtype="bfloat16")
-    assert half.params["language_model"]["lm_head"]["kernel"].dtype == jax.numpy.bfloat16
+    assert half.params["language_model"]["lm_head"]["weight"].dtype == jax.numpy.bfloat16
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path, hf_next, ckpt):
@@ -82,7 +82,7 @@ def edited_copy(ckpt, dest, edit):
 
 def test_missing_tensor_is_named(tmp_path, ckpt):
     path = edited_copy(ckpt, tmp_path / "c", lambda t: t.pop("language_model.model.layers.1.mlp.gate_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing.*language_model/layers/gate_proj/kernel \(layers \[1\]\)"):
+    with pytest.raises(CheckpointError, match=r"missing.*language_model/layers/gate_proj/weight \(layers \[1\]\)"):
         llava_jax.load(path)
 
 

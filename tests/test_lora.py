@@ -118,18 +118,18 @@ def _with_layers(params, update):
 
 
 def test_forward_is_base_plus_scaled_low_rank_update(case):
-    """Logits through the adapters equal the logits of a model whose kernels are W + (alpha/r) A B (computed
+    """Logits through the adapters equal the logits of a model whose weights are W + (alpha/r) (A B).T (computed
     here in float64) and differ from the base model's (the adapters do something)."""
     params, run = case["params"], case["run"]
     _, ours, _ = run(params)
-    # the same param tree with B = 0 computes the base model, and with W + (alpha/r) A B in the kernels the update
+    # the same param tree with B = 0 computes the base model, and with W + (alpha/r) (A B).T in the weights the update
     base, updated = {}, {}
     for name in CFG.targets:
         entry = params["language_model"]["layers"][name]
-        delta = np.einsum("lir,lro->lio", np.float64(entry["lora_a"]), np.float64(entry["lora_b"]))
-        kernel = jnp.asarray(np.float64(entry["kernel"]) + CFG.alpha / CFG.r * delta, jnp.float32)
+        delta = np.einsum("lir,lro->loi", np.float64(entry["lora_a"]), np.float64(entry["lora_b"]))  # (A B).T
+        weight = jnp.asarray(np.float64(entry["weight"]) + CFG.alpha / CFG.r * delta, jnp.float32)
         base[name] = {**entry, "lora_b": jnp.zeros_like(entry["lora_b"])}
-        updated[name] = {**base[name], "kernel": kernel}
+        updated[name] = {**base[name], "weight": weight}
     _, expected, _ = run(_with_layers(params, updated))
     _, plain, _ = run(_with_layers(params, base))
     assert np.abs(plain - expected).max() > 0.1
@@ -174,8 +174,7 @@ def test_gradients_and_trainable_count_match_peft(case):
         else:
             m = re.search(r"multi_modal_projector\.(linear_\d)\.(weight|bias)$", name)
             assert m, name  # nothing else trains
-            leaf = grads["multi_modal_projector"][m[1]]["kernel" if m[2] == "weight" else "bias"]
-            ours = np.asarray(leaf).T
+            ours = np.asarray(grads["multi_modal_projector"][m[1]][m[2]])  # torch's layout
         ref = p.grad.numpy()
         assert np.abs(ref).max() > 0, name  # a nonzero B makes every adapter's gradient nonzero
         np.testing.assert_array_less(np.abs(ours - ref), BOUND * np.abs(ref).max(), err_msg=name)
@@ -228,7 +227,7 @@ def test_lora_run_trains_only_adapters_and_projector(tmp_path, capsys):
 
     base = llava_jax.load(base_dir, mesh=None)
     layers = base.params["language_model"]["layers"]
-    expected = sum(layers[t]["kernel"].shape[0] * 2 * sum(layers[t]["kernel"].shape[1:]) for t in targets)
+    expected = sum(layers[t]["weight"].shape[0] * 2 * sum(layers[t]["weight"].shape[1:]) for t in targets)
     expected += count_params(base.params["multi_modal_projector"]) + base.params["image_newline"].size
     assert f"({expected:,} of " in printed
 
@@ -239,9 +238,9 @@ def test_lora_run_trains_only_adapters_and_projector(tmp_path, capsys):
         name = "/".join(str(k.key) for k in path)
         if not np.array_equal(np.asarray(a), np.asarray(b)):
             changed.add(name)
-    assert changed == {f"language_model/layers/{t}/kernel" for t in targets} | {
-        "multi_modal_projector/linear_1/kernel", "multi_modal_projector/linear_1/bias",
-        "multi_modal_projector/linear_2/kernel", "multi_modal_projector/linear_2/bias", "image_newline"}
+    assert changed == {f"language_model/layers/{t}/weight" for t in targets} | {
+        "multi_modal_projector/linear_1/weight", "multi_modal_projector/linear_1/bias",
+        "multi_modal_projector/linear_2/weight", "multi_modal_projector/linear_2/bias", "image_newline"}
 
     again = apply_adapter(base, str(out / "adapter"))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(trained.params),

@@ -52,8 +52,8 @@ def test_params_are_the_chunk_files_and_equal_a_read(converted, monkeypatch):
     params_dir = os.path.join(converted, "params")
     # Every param whose chunks are whole pages is mapped; the small stacked norms and biases (a 64-float layer
     # is 256 bytes) are read. The big ones must be among the mapped: they are what the mapping is for.
-    assert mapped["['language_model']['lm_head']['kernel']"].startswith(params_dir)
-    assert mapped["['language_model']['layers']['gate_proj']['kernel']"].startswith(params_dir)
+    assert mapped["['language_model']['lm_head']['weight']"].startswith(params_dir)
+    assert mapped["['language_model']['layers']['gate_proj']['weight']"].startswith(params_dir)
     assert not mapped["['language_model']['layers']['input_layernorm']['scale']"].startswith(params_dir)
     assert sum(f.startswith(params_dir) for f in mapped.values()) >= 20
 
@@ -81,7 +81,7 @@ def test_writing_into_a_mapped_param_leaves_the_file_alone(converted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(converted, copy)
     model = llava_jax.load(str(copy))
-    kernel = model.params["language_model"]["lm_head"]["kernel"]
+    kernel = model.params["language_model"]["lm_head"]["weight"]
     assert sys.platform != "linux" or file_backed(kernel).startswith(str(copy))
     zeroed = jax.jit(lambda x: x * 0, donate_argnums=0)(kernel)  # XLA may write into the donated buffer
     assert not np.asarray(zeroed).any()
@@ -91,12 +91,12 @@ def test_writing_into_a_mapped_param_leaves_the_file_alone(converted, tmp_path):
 def test_corrupted_mapped_chunk_is_named(converted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(converted, copy)
-    chunk = copy / "params" / "language_model.layers.down_proj.kernel" / "1.0.0"
+    chunk = copy / "params" / "language_model.layers.down_proj.weight" / "1.0.0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=r"down_proj\.kernel/1\.0\.0 \(tensor language_model/layers/down_proj/"
-                                            r"kernel\)"):
+    with pytest.raises(ChecksumError, match=r"down_proj\.weight/1\.0\.0 \(tensor language_model/layers/down_proj/"
+                                            r"weight\)"):
         llava_jax.load(str(copy))
 
 
@@ -105,10 +105,10 @@ def test_short_chunk_is_an_error_not_a_fault(converted, tmp_path):
     kill the process with SIGBUS. `load` catches it from the manifest; the mapping checks sizes itself too."""
     copy = tmp_path / "copy"
     shutil.copytree(converted, copy)
-    array = open_array(str(copy / "params" / "language_model.lm_head.kernel"))
-    victim = copy / "params" / "language_model.lm_head.kernel" / "0.0"
+    array = open_array(str(copy / "params" / "language_model.lm_head.weight"))
+    victim = copy / "params" / "language_model.lm_head.weight" / "0.0"
     os.truncate(victim, os.path.getsize(victim) - PAGE)
-    with pytest.raises(CheckpointError, match=r"lm_head\.kernel/0\.0 has \d+ bytes.*corrupted or truncated"):
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight/0\.0 has \d+ bytes.*corrupted or truncated"):
         map_array(array, mapped_chunks(array))
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         llava_jax.load(str(copy), verify=False)

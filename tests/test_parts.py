@@ -60,7 +60,7 @@ def test_vision_tower_feature_layer(vision_kw, layer):
     n_layers = vision_kw["num_hidden_layers"]
     used = layer if layer > 0 else n_layers + 1 + layer
     cfg, params = vision_params(hf, used)
-    assert params["layers"]["fc1"]["kernel"].shape[0] == used  # layers past the feature layer are not loaded
+    assert params["layers"]["fc1"]["weight"].shape[0] == used  # layers past the feature layer are not loaded
     px = np.random.default_rng(5).standard_normal((1, 3, vision_kw["image_size"], vision_kw["image_size"]))
     px = px.astype(np.float32)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_projector_exact_gelu():
     x = torch.randn(5, 7, 32) * 2
     with torch.no_grad():
         ref = lin2(torch.nn.functional.gelu(lin1(x))).numpy()
-    params = {f"linear_{i}": {"kernel": lin.weight.detach().numpy().T, "bias": lin.bias.detach().numpy()}
+    params = {f"linear_{i}": {"weight": lin.weight.detach().numpy(), "bias": lin.bias.detach().numpy()}
               for i, lin in ((1, lin1), (2, lin2))}
     out = np.asarray(Projector(2, 64).apply({"params": params}, x.numpy()))
     assert np.max(np.abs(out - ref)) < 1e-5

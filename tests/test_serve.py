@@ -23,7 +23,6 @@ from PIL import Image
 
 import llava_jax
 from llava_jax.default_model import RANDOM_CONFIG
-from llava_jax.kernels.xla_cpu import TransposedKernel
 from llava_jax.prompt import mistral_tokenizer_dir, render_prompt
 from llava_jax.random_checkpoint import write_random_checkpoint
 from llava_jax.serve.app import ServerLimits
@@ -54,10 +53,8 @@ def server(tmp_path_factory):
     model = llava_jax.load(str(path))
     # small limits, so that the tests that pass them send little: 256 KB bodies, 100 KB images, 1 Mpixel
     limits = ServerLimits(max_body_bytes=256 << 10, images=ImagePolicy(max_image_bytes=100 << 10, max_pixels=10**6))
-    # the decode step on (out, in) copies of the weights (the shared weights are what generate decodes with)
     chat = create_server(model, model_id=MODEL_ID, max_batch=SLOTS, max_queue=64, context=256, buckets=[192],
-                         decode_weights="transposed", limits=limits)
-    assert isinstance(chat.scheduler.decode_params["language_model"]["lm_head"]["kernel"], TransposedKernel)
+                         limits=limits)
     with BackgroundServer(chat) as running:
         running.chat = chat
         yield running

@@ -69,10 +69,10 @@ def expected_specs(mesh: str) -> dict:
     m = "model" if model > 1 else None
     kv = m if model <= 2 else None  # 2 kv heads: split over model=2, replicated on 4 and 8
     return {
-        "q_proj": [None, None, m], "k_proj": [None, None, kv], "o_proj": [None, m, None],
-        "gate_proj": [None, None, m], "down_proj": [None, m, None], "embed_tokens": [m, None],
-        "lm_head": [None, m], "norm": [None, None], "vision_q_proj": [None, None, m],
-        "vision_fc1": [None, None, m], "projector_1": [None, m],
+        "q_proj": [None, m, None], "k_proj": [None, kv, None], "o_proj": [None, None, m],
+        "gate_proj": [None, m, None], "down_proj": [None, None, m], "embed_tokens": [m, None],
+        "lm_head": [m, None], "norm": [None, None], "vision_q_proj": [None, m, None],
+        "vision_fc1": [None, m, None], "projector_1": [m, None],
     }
 
 
@@ -125,9 +125,9 @@ def test_fsdp_shards_weights_over_the_data_axis(results):
     r = results["llava"]
     got, plain = r["fsdp"], r["meshes"]["data=2,model=4"]
     assert got["max_diff"] < BOUND and got["tokens"] == r["ref_tokens"]
-    assert got["specs"]["q_proj"] == [None, "data", "model"]
-    assert got["specs"]["k_proj"] == [None, "data", None]
-    assert got["specs"]["down_proj"] == [None, "model", "data"]
+    assert got["specs"]["q_proj"] == [None, "model", "data"]
+    assert got["specs"]["k_proj"] == [None, None, "data"]
+    assert got["specs"]["down_proj"] == [None, "data", "model"]
     assert got["specs"]["embed_tokens"] == ["model", "data"]
     assert got["specs"]["norm"] == [None, None]  # vectors stay replicated
     assert got["max_device_bytes"] < 0.6 * plain["max_device_bytes"]
@@ -210,7 +210,7 @@ def test_rule_table_covers_every_param(config):
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
         sharding.logical_axes(sharding.path_str(path), leaf.ndim)  # raises for an uncovered param
     with pytest.raises(ValueError, match="no sharding rule covers"):
-        sharding.logical_axes("language_model/new_thing/kernel")
+        sharding.logical_axes("language_model/new_thing/weight")
 
 
 def test_34b_fits_eight_16gb_devices():
@@ -241,14 +241,14 @@ def test_indivisible_dimensions_are_replicated_with_a_debug_log(caplog):
     plan = sharding.ShardingRules.create(AbstractMesh((1, 4), ("data", "model")), config)
     sharding._logged.clear()
     with caplog.at_level(logging.DEBUG, logger="llava_jax.sharding"):
-        k = plan.spec(("layers", "embed", "kv_heads"), (2, 768, 192), "language_model/layers/k_proj/kernel")
-        q = plan.spec(("layers", "embed", "heads"), (2, 768, 768), "language_model/layers/q_proj/kernel")
+        k = plan.spec(("layers", "kv_heads", "embed"), (2, 192, 768), "language_model/layers/k_proj/weight")
+        q = plan.spec(("layers", "heads", "embed"), (2, 768, 768), "language_model/layers/q_proj/weight")
         odd = plan.spec(("vocab", "embed"), (32002, 768), "language_model/embed_tokens/embedding")
     assert k == jax.sharding.PartitionSpec(None, None, None)  # 192 divides 4, but 3 kv heads do not
-    assert q == jax.sharding.PartitionSpec(None, None, "model")
+    assert q == jax.sharding.PartitionSpec(None, "model", None)
     assert odd == jax.sharding.PartitionSpec(None, None)  # a vocabulary of 32002 rows
     text = caplog.text
-    assert "k_proj/kernel dimension 2 (kv_heads: 3 kv_heads) instead of splitting it over model=4" in text
+    assert "k_proj/weight dimension 1 (kv_heads: 3 kv_heads) instead of splitting it over model=4" in text
     assert "embed_tokens/embedding dimension 0 (vocab: size 32002)" in text
     assert "q_proj" not in text
     cache = plan.spec(sharding.STATE_AXES["cache"], name="kv cache")

@@ -13,6 +13,7 @@ from PIL import Image
 import llava_jax
 from llava_jax import cli
 from llava_jax.default_model import write_small_model
+from llava_jax.errors import InputError
 from llava_jax.train.collate import Collator, tokenize_examples
 from llava_jax.train.data import DataError, load_dataset
 from llava_jax.train.labels import IGNORE_INDEX
@@ -106,6 +107,27 @@ def test_resume_repeats_the_uninterrupted_run_exactly(small_model, tmp_path):
     a = llava_jax.load(str(tmp_path / "whole"), mesh=None).params
     b = llava_jax.load(str(tmp_path / "split"), mesh=None).params
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_refuses_a_state_saved_in_the_earlier_param_layout(small_model, tmp_path):
+    """A train state saved before Linear weights took torch's (out, in) layout (its record has no param_layout)
+    is refused on --resume, naming the setting: saved as a flat list of arrays, its square weights would
+    otherwise be read back transposed without any shape error."""
+    data, images = write_data(tmp_path, 2, two_sizes=False)
+
+    def stop_after_one(metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(small_model, tmp_path / "out", data, images, steps=2, on_step=stop_after_one)
+    records = list((tmp_path / "out" / "checkpoints").glob("*/record/metadata"))  # Orbax's JSON item
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["settings"]["param_layout"] == "weight (out, in)"
+    del record["settings"]["param_layout"]
+    records[0].write_text(json.dumps(record))
+    with pytest.raises(InputError, match=r"param_layout \('kernel \(in, out\)' -> 'weight \(out, in\)'\)"):
+        run(small_model, tmp_path / "out", data, images, steps=2, resume=True)
 
 
 def test_cli_pretrain_trains_the_projector_with_one_program_per_bucket(small_model, tmp_path, capsys):

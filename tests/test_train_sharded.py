@@ -214,13 +214,13 @@ def expected_specs(mesh: str) -> dict:
     model = int(mesh.split("model=")[1])
     m = "model" if model > 1 else None
     kv = m if model <= 4 else None  # 4 kv heads: replicated on model=8
-    return {"language_model/layers/q_proj/kernel": [None, None, m],
-            "language_model/layers/k_proj/kernel": [None, None, kv],
-            "language_model/layers/down_proj/kernel": [None, m, None],
-            "language_model/embed_tokens/embedding": [m, None], "language_model/lm_head/kernel": [None, m],
+    return {"language_model/layers/q_proj/weight": [None, m, None],
+            "language_model/layers/k_proj/weight": [None, kv, None],
+            "language_model/layers/down_proj/weight": [None, None, m],
+            "language_model/embed_tokens/embedding": [m, None], "language_model/lm_head/weight": [m, None],
             "language_model/layers/input_layernorm/scale": [None, None],
-            "vision_tower/layers/fc1/kernel": [None, None, m],  # frozen params are placed by the table too
-            "multi_modal_projector/linear_1/kernel": [None, m]}
+            "vision_tower/layers/fc1/weight": [None, m, None],  # frozen params are placed by the table too
+            "multi_modal_projector/linear_1/weight": [m, None]}
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -235,9 +235,9 @@ def test_params_and_optimizer_state_follow_the_rule_table(results, mesh):
 
 def test_fsdp_splits_params_and_optimizer_state_over_data(results):
     got = results["meshes"][FSDP]
-    assert got["specs"]["language_model/layers/q_proj/kernel"] == [None, "data", "model"]
+    assert got["specs"]["language_model/layers/q_proj/weight"] == [None, "model", "data"]
     assert got["specs"]["language_model/embed_tokens/embedding"] == ["model", "data"]
-    assert "(None, 'data', 'model')" in got["opt_specs"] and "('model', 'data')" in got["opt_specs"]
+    assert "(None, 'model', 'data')" in got["opt_specs"] and "('model', 'data')" in got["opt_specs"]
 
 
 def test_bytes_per_device_shrink_as_the_mesh_grows(results):

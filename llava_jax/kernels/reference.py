@@ -16,9 +16,10 @@ from ..remat import rematerialized
 MASKED = jnp.finfo(jnp.float32).min
 
 
-def matmul_fp32(x, kernel):
-    """x (..., in) @ kernel (in, out) in the kernel's dtype, accumulated and returned in fp32."""
-    return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+def matmul_fp32(x, weight):
+    """x (..., in) @ weight (out, in).T in the weight's dtype, accumulated and returned in fp32."""
+    return jax.lax.dot_general(x.astype(weight.dtype), weight, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
 class Kernels:
@@ -33,8 +34,8 @@ class Kernels:
         self.differentiable = differentiable
 
     def project(self, x, weights):
-        """Several linear maps of one input: `weights` [(kernel (in, out), bias (out,) or None), ...] ->
-        [x @ kernel + bias, ...], each in fp32."""
+        """Several linear maps of one input: `weights` [(weight (out, in), bias (out,) or None), ...] ->
+        [x @ weight.T + bias, ...], each in fp32."""
         return [matmul_fp32(x, k) + (0 if b is None else b.astype(jnp.float32)) for k, b in weights]
 
     def attention(self, q, k, v, mask=None, *, causal: bool = False):
@@ -76,9 +77,7 @@ class Kernels:
 
     def prepare(self, params, program: str):
         """The params a compiled program takes, built outside it (zero-copy views on some backends): `program`
-        is "scan" (programs that scan over stacked layers), "decode" (the decode loop) or "decode_transposed"
-        (the decode loop, with the weights in whatever layout multiplies a batch of rows fastest, a copy where it
-        differs: the server's slots). Plain: `params`."""
+        is "scan" (programs that scan over stacked layers) or "decode" (the decode loop). Plain: `params`."""
         del program
         return params
 

@@ -8,7 +8,7 @@ the reference set. The tricks:
   block by block, skipping keys past each block (`attention`); a decode step as block-diagonal matmuls over the
   cache in place (`one_query_attention`);
 - 16-bit KV caches updated through uint16 views (`write_cache`);
-- 16-bit stacked weights scanned as uint16 views (`prepare("scan")` + `scan_layers`), and 16-bit kernels
+- 16-bit stacked weights scanned as uint16 views (`prepare("scan")` + `scan_layers`), and 16-bit weights
   concatenated as uint16 (`project`): neither in the differentiable set a training network uses (no gradient
   flows through an integer view);
 - the decode loop unrolled over per-layer views of the stacked weights, writing straight into the stacked cache
@@ -20,14 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..remat import rematerialized
-from ..weights import aligned_empty
 from .reference import MASKED, Kernels, causal_mask, write_rows
+from .reference import matmul_fp32 as reference_matmul
 
 
 def _is_16bit_float(a) -> bool:
@@ -45,31 +44,18 @@ def from_bits(tree, dtypes):
     return jax.tree_util.tree_map(lambda a, d: jax.lax.bitcast_convert_type(a, d) if a.dtype != d else a, tree, dtypes)
 
 
-@flax.struct.dataclass
-class TransposedKernel:
-    """A linear map's kernel kept (out, in), torch's layout, for `prepare("decode_transposed")`: XLA:CPU's GEMM
-    of a few rows (a decode batch: 16 rows x 2048 x 5632 fp32) runs about twice as fast against this layout as
-    against (in, out) (measured 8 vs 16 ms on a 2-core EPYC), and no slower for one row or a prompt."""
-
-    t: jax.Array  # (out, in)
-
-
-def matmul_fp32(x, kernel):
-    """x (..., in) @ kernel (in, out) (or a `TransposedKernel`), accumulated and returned in fp32.
+def matmul_fp32(x, weight):
+    """x (..., in) @ weight (out, in).T, accumulated and returned in fp32.
 
     XLA:CPU runs a bf16 matmul at full speed (its bf16 GEMM) only when the dot asks for an fp32 result, and
     lowers a one-row 16-bit dot (a batch-1 decode step) by converting the whole weight matrix to fp32 first, on
     every call: so a one-row product gets a zero second row.
     """
-    kernel, contract, out = ((kernel.t, 1, kernel.t.shape[0]) if isinstance(kernel, TransposedKernel)
-                             else (kernel, 0, kernel.shape[1]))
-    x = x.astype(kernel.dtype)
-    if math.prod(x.shape[:-1]) == 1 and kernel.dtype.itemsize == 2:
+    x = x.astype(weight.dtype)
+    if math.prod(x.shape[:-1]) == 1 and weight.dtype.itemsize == 2:
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
-        y = jax.lax.dot_general(x2, kernel, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
-        return y[:1].reshape(*x.shape[:-1], out)
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (contract,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+        return reference_matmul(x2, weight)[:1].reshape(*x.shape[:-1], weight.shape[0])
+    return reference_matmul(x, weight)
 
 
 def update_slice(buffer, update, start):
@@ -96,25 +82,25 @@ class XlaCpuKernels(Kernels):
     name = "xla_cpu"
 
     def project(self, x, weights):
-        """One matmul against the kernels concatenated on their output axis when `x` (batch, seq, in) holds
+        """One matmul against the weights concatenated on their output axis when `x` (batch, seq, in) holds
         several tokens per row (a prompt or an image: one wide matmul beats a wide and two narrow ones, and
         inside a scan the concatenation replaces the per-layer slice copies); one matmul each for a decode step,
         whatever the batch (concatenating would copy the weights on every step: at 16 rows that copy cost more
-        than the matmuls; `TransposedKernel`s, made for decode steps, are never concatenated)."""
-        if len(weights) == 1 or x.shape[-2] == 1 or any(isinstance(k, TransposedKernel) for k, _ in weights):
-            return [matmul_fp32(x, k) + (0 if b is None else b.astype(jnp.float32)) for k, b in weights]
-        kernels = [k for k, _ in weights]
+        than the matmuls)."""
+        if len(weights) == 1 or x.shape[-2] == 1:
+            return [matmul_fp32(x, w) + (0 if b is None else b.astype(jnp.float32)) for w, b in weights]
+        mats = [w for w, _ in weights]
         # concatenated as uint16 (XLA:CPU widens a 16-bit float concat to fp32); not when training: uint16 carries
         # no gradient
-        if _is_16bit_float(kernels[0]) and not self.differentiable:
-            kernel = jax.lax.bitcast_convert_type(jnp.concatenate(to_bits(kernels), axis=1), kernels[0].dtype)
+        if _is_16bit_float(mats[0]) and not self.differentiable:
+            weight = jax.lax.bitcast_convert_type(jnp.concatenate(to_bits(mats), axis=0), mats[0].dtype)
         else:
-            kernel = jnp.concatenate(kernels, axis=1)
-        y = matmul_fp32(x, kernel)
+            weight = jnp.concatenate(mats, axis=0)
+        y = matmul_fp32(x, weight)
         if any(b is not None for _, b in weights):
-            y = y + jnp.concatenate([jnp.zeros(k.shape[1], k.dtype) if b is None else b for k, b in weights]
+            y = y + jnp.concatenate([jnp.zeros(w.shape[0], w.dtype) if b is None else b for w, b in weights]
                                     ).astype(jnp.float32)
-        sizes = [k.shape[1] for k in kernels]
+        sizes = [w.shape[0] for w in mats]
         return jnp.split(y, list(np.cumsum(sizes)[:-1]), axis=-1)
 
     def attention(self, q, k, v, mask=None, *, causal: bool = False):
@@ -170,15 +156,10 @@ class XlaCpuKernels(Kernels):
         return carry, from_bits(ys, dtypes[1])
 
     def prepare(self, params, program: str):
-        """"scan": 16-bit stacked kernels as uint16 views of the same buffers (a bitcast inside the program would
+        """"scan": 16-bit stacked weights as uint16 views of the same buffers (a bitcast inside the program would
         be materialized: a copy of every stack). "decode": the language model's layers as per-layer views of the
         stacked arrays, so that a decode step reads each weight once instead of copying each layer's slice first.
-        "decode_transposed": as "decode", but every kernel of the language model (its layers and the lm_head)
-        copied once into (out, in) layout (`TransposedKernel`): decode steps of several rows (the server's slots)
-        run about twice as fast, for a second copy of the language model's weights in memory.
         Views need arrays on one CPU device; elsewhere `params` is returned unchanged."""
-        if program == "decode_transposed":
-            return transposed_language_model(unstack_layers(params) or params)
         if program == "decode":
             return unstack_layers(params) or params
         return bits_view(params)
@@ -196,11 +177,11 @@ def _on_one_cpu_device(leaf) -> bool:
 
 
 def bits_view(params: dict) -> dict:
-    """`params` with every stacked (3-D or more) 16-bit float kernel replaced by a uint16 array sharing its
+    """`params` with every stacked (3-D or more) 16-bit float weight replaced by a uint16 array sharing its
     buffer; other leaves (and leaves not viewable) unchanged."""
     def view(path, leaf):
         name = jax.tree_util.keystr(path)
-        if not (leaf.ndim >= 3 and name.endswith("['kernel']") and _is_16bit_float(leaf) and _on_one_cpu_device(leaf)):
+        if not (leaf.ndim >= 3 and name.endswith("['weight']") and _is_16bit_float(leaf) and _on_one_cpu_device(leaf)):
             return leaf
         bits = zero_copy_put(np.asarray(leaf).view(np.uint16), leaf.device)
         return leaf if bits is None else bits
@@ -226,20 +207,6 @@ def unstack_layers(params: dict) -> dict | None:
     return {**params, "language_model": {**params["language_model"], "layers": per_layer}}
 
 
-def transposed_language_model(params: dict) -> dict:
-    """`params` with every 2-D kernel of the language model replaced by a `TransposedKernel` copy (stacked,
-    3-D kernels are left as they are: only the unrolled decode step reads per-layer kernels)."""
-    def transpose(path, leaf):
-        if not (jax.tree_util.keystr(path).endswith("['kernel']") and leaf.ndim == 2):
-            return leaf
-        host = aligned_empty(leaf.shape[::-1], leaf.dtype)  # aligned: device_put adopts it, no second copy
-        host[...] = np.asarray(leaf).T
-        return TransposedKernel(jax.device_put(host, leaf.device))
-
-    return {**params, "language_model": jax.tree_util.tree_map_with_path(transpose, params["language_model"])}
-
-
-# ---- attention layouts ---------------------------------------------------------------------------------------
 def _heads_first(q, k, v):
     """q -> (batch, kv_heads, group, q_len, head_dim), scaled by 1/sqrt(head_dim); k, v -> (batch, kv_heads,
     kv_len, head_dim). Both matmuls then have the heads as batch dimensions and write their natural layout

@@ -90,7 +90,7 @@ def _sequential(model, prompts: list[str], image, max_tokens: int) -> dict:
 
 def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, max_tokens: int, max_batch: int,
                     max_queue: int, context: int | None, buckets: list[int] | None, steps_per_call: int,
-                    template: str | None, image: bool, log, decode_weights: str = "shared") -> dict:
+                    template: str | None, image: bool, log) -> dict:
     """Measure every concurrency level, then the sequential baseline; the results as a dict."""
     picture = _example_image() if image else None
     prompts = bench_prompts(requests)
@@ -98,7 +98,7 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
     bodies = [chat_body(model_id, p, url, max_tokens) for p in prompts]
     server = create_server(model, model_id=model_id, max_batch=max_batch, max_queue=max(max_queue, requests),
                            context=context, buckets=buckets, steps_per_call=steps_per_call, template=template,
-                           decode_weights=decode_weights, log=log)
+                           log=log)
     levels = []
     with BackgroundServer(server) as running:
         for c in clients:
@@ -110,7 +110,7 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
     for level in levels:
         level["speedup_vs_sequential"] = level["tokens_per_s"] / sequential["tokens_per_s"]
     return {"model": model_id, "dtype": str(np.dtype(model.dtype)), "max_batch": max_batch,
-            "steps_per_call": steps_per_call, "decode_weights": decode_weights, "max_tokens": max_tokens,
+            "steps_per_call": steps_per_call, "max_tokens": max_tokens,
             "image": image, "levels": levels, "sequential_generate": sequential,
             "server_compiled_under_load": under_load}
 
@@ -118,7 +118,7 @@ def run_bench_serve(model, model_id: str, *, clients: list[int], requests: int, 
 def print_table(result: dict) -> str:
     """The results as a small text table."""
     lines = [f"model {result['model']} ({result['dtype']}), max_batch {result['max_batch']}, "
-             f"max_tokens {result['max_tokens']}, image {result['image']}, decode weights {result['decode_weights']}",
+             f"max_tokens {result['max_tokens']}, image {result['image']}",
              f"{'clients':>8} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'vs seq':>7}"]
     for lv in result["levels"]:
         lines.append(f"{lv['clients']:>8} {lv['requests']:>8} {lv['completion_tokens']:>7} {lv['tokens_per_s']:>8.1f} "

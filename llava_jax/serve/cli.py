@@ -7,7 +7,6 @@ import argparse
 import sys
 
 from ..cli import positive
-from .scheduler import DECODE_WEIGHTS
 
 
 def _log(message: str) -> None:
@@ -38,10 +37,6 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps per device call: more spread the host's per-call work over more tokens, fewer "
                    "let a new request start sooner (default 4)")
     p.add_argument("--template", help="conversation template (default: from the checkpoint)")
-    p.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default="shared",
-                   help="'transposed': the decode step reads a second copy of the language model's weights kept "
-                   "(out, in), which XLA:CPU multiplies by a batch of slots about 1.5x faster (measured on a 2-core "
-                   "EPYC), for the extra memory; 'shared' (default): the loaded weights, no extra memory")
 
 
 def add_serve_parser(subparsers, add_model_args) -> None:
@@ -108,7 +103,7 @@ def cmd_serve(args) -> int:
                           images=policy)
     server = create_server(model, model_id=model_id, max_batch=args.max_batch, max_queue=args.max_queue,
                            context=args.context, buckets=args.prompt_buckets, steps_per_call=args.steps_per_call,
-                           template=args.template, decode_weights=args.decode_weights, limits=limits, log=_log)
+                           template=args.template, limits=limits, log=_log)
     _log(f"serving {model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
     try:
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
@@ -127,6 +122,6 @@ def cmd_bench_serve(args) -> int:
     result = run_bench_serve(model, model_id, clients=clients, requests=args.requests, max_tokens=args.max_tokens,
                              max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                              buckets=args.prompt_buckets, steps_per_call=args.steps_per_call, template=args.template,
-                             image=args.image, decode_weights=args.decode_weights, log=_log)
+                             image=args.image, log=_log)
     print(json.dumps(result, indent=2) if args.json else print_table(result))
     return 0

@@ -29,8 +29,6 @@ from ..sampling import make_sampler
 from ..slots import SlotEngine
 from ..textgen import TextStreamer, default_stop_ids
 
-DECODE_WEIGHTS = ("shared", "transposed")  # the decode step's weights: `Scheduler`'s decode_weights
-
 
 class QueueFullError(Exception):
     """The request queue holds `max_queue` requests already."""
@@ -99,12 +97,10 @@ class Job:
 
 class Scheduler:
     """Continuous batching over `max_batch` slots of `cache_len` cache entries each; `max_queue` requests wait
-    at most (more: `QueueFullError`). decode_weights: "shared" (the decode step reads the loaded weights) or
-    "transposed" (a second copy of the language model's weights in the layout the backend multiplies a batch of
-    rows fastest with, where the kernel set has one: `Kernels.prepare("decode_transposed")`)."""
+    at most (more: `QueueFullError`)."""
 
     def __init__(self, model, *, max_batch: int = 16, max_queue: int = 64, cache_len: int = 4096,
-                 buckets: list[int] | None = None, steps_per_call: int = 4, decode_weights: str = "shared"):
+                 buckets: list[int] | None = None, steps_per_call: int = 4):
         self.model, self.engine = model, model.engine
         self.cache_len, self.max_queue = cache_len, max_queue
         self.slot_engine = SlotEngine(self.engine, max_batch, cache_len, model.dtype, steps_per_call)
@@ -114,10 +110,7 @@ class Scheduler:
         self.stop_ids = default_stop_ids(model)
         self.stop_array = stop_id_array(self.stop_ids)
         self.pad_id = np.int32(getattr(model.tokenizer, "pad_token_id", None) or 0)
-        if decode_weights not in DECODE_WEIGHTS:
-            raise InputError(f"decode_weights must be one of {DECODE_WEIGHTS}, got {decode_weights!r}")
-        self.decode_params = self.engine.params_for(
-            model.params, "decode_transposed" if decode_weights == "transposed" else "decode")
+        self.decode_params = self.engine.params_for(model.params, "decode")
         self.slots: list[Job | None] = [None] * max_batch
         self.queue: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()

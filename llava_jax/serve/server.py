@@ -28,11 +28,11 @@ def server_context(model, context: int | None) -> int:
 
 def create_server(model, *, model_id: str, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
                   buckets: list[int] | None = None, steps_per_call: int = 4, template: str | None = None,
-                  decode_weights: str = "shared", limits: ServerLimits | None = None, warm_up: bool = True,
+                  limits: ServerLimits | None = None, warm_up: bool = True,
                   log=None) -> ChatServer:
     """A `ChatServer` whose scheduler is running (every program compiled first when `warm_up`)."""
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, cache_len=server_context(model, context),
-                          buckets=buckets, steps_per_call=steps_per_call, decode_weights=decode_weights)
+                          buckets=buckets, steps_per_call=steps_per_call)
     start = time.perf_counter()
     scheduler.start(warm_up=warm_up, log=log)
     if log is not None:

@@ -2,9 +2,9 @@
 
 Each targeted map W (q, k, v, o, gate, up, down of every decoder layer: the original's `find_all_linear_names`,
 which leaves out the vision tower, the projector and lm_head) gets two trainable matrices, stored next to its
-kernel in the param tree, stacked over layers like it:
+weight in the param tree, stacked over layers like it:
 
-    language_model/layers/q_proj/{kernel (L, in, out), lora_a (L, in, r), lora_b (L, r, out)}
+    language_model/layers/q_proj/{weight (L, out, in), lora_a (L, in, r), lora_b (L, r, out)}
 
 and computes W x + (alpha / r) * B A dropout(x). `lora_a` is peft's `lora_A.weight` transposed, initialized as
 peft does (kaiming-uniform with a = sqrt(5): uniform in +-1/sqrt(in)); `lora_b` is `lora_B.weight` transposed,
@@ -17,7 +17,7 @@ How the network sees them (`for_network`): a params transform turns each (lora_a
 its projections as an explicit low-rank term (`linear.add_low_rank`). Explicit rather than merged into W on
 the fly: dropout acts on the adapter's input only, which a merged W cannot express, and the frozen W then
 needs no gradient (a merged W would get a full-size weight gradient per layer, as in full fine-tuning).
-`merge` folds the adapters into the kernels (W + (alpha / r) A B) for a plain model: the trained model a run
+`merge` folds the adapters into the weights (W + (alpha / r) B A) for a plain model: the trained model a run
 writes, and `llava-jax export`.
 
 Saved adapters (`save_adapter` / `load_adapter`): a directory with `adapter.safetensors` (every trainable
@@ -89,19 +89,19 @@ def _with_layers(params, layers: dict) -> dict:
 
 
 def _adapter_shapes(params, cfg: LoraConfig) -> dict:
-    """{target: {"lora_a": (L, in, r), "lora_b": (L, r, out)} as ShapeDtypeStructs in the kernel's dtype}."""
+    """{target: {"lora_a": (L, in, r), "lora_b": (L, r, out)} as ShapeDtypeStructs in the weight's dtype}."""
     out = {}
     for name in cfg.targets:
-        kernel = _layers(params)[name]["kernel"]
-        count, fan_in, fan_out = kernel.shape
-        out[name] = {"lora_a": jax.ShapeDtypeStruct((count, fan_in, cfg.r), kernel.dtype),
-                     "lora_b": jax.ShapeDtypeStruct((count, cfg.r, fan_out), kernel.dtype)}
+        weight = _layers(params)[name]["weight"]
+        count, fan_out, fan_in = weight.shape
+        out[name] = {"lora_a": jax.ShapeDtypeStruct((count, fan_in, cfg.r), weight.dtype),
+                     "lora_b": jax.ShapeDtypeStruct((count, cfg.r, fan_out), weight.dtype)}
     return out
 
 
 def add_adapters(params, cfg: LoraConfig, seed: int = 0) -> dict:
     """`params` with fresh adapters on the targeted maps: lora_a uniform in +-1/sqrt(in) (peft's kaiming-uniform
-    init with a = sqrt(5)), lora_b zeros; in the kernels' dtype. Drawn on the host with numpy (jax's threefry
+    init with a = sqrt(5)), lora_b zeros; in the weights' dtype. Drawn on the host with numpy (jax's threefry
     would compile a program per shape, seconds each on a CPU)."""
     rng = np.random.default_rng(seed)
     layers = dict(_layers(params))
@@ -152,23 +152,23 @@ def for_network(params, cfg: LoraConfig, dropout_key=None) -> dict:
 
 
 def merge(params, cfg: LoraConfig) -> dict:
-    """A plain param tree: every adapter folded into its kernel, W + (alpha / r) A B (computed in fp32, rounded
-    once to the kernel's dtype), the lora leaves removed."""
+    """A plain param tree: every adapter folded into its weight, W + (alpha / r) (lora_a @ lora_b).T (computed in
+    fp32, rounded once to the weight's dtype), the lora leaves removed."""
     layers = dict(_layers(params))
     adapted = {name: entry for name, entry in layers.items() if isinstance(entry, dict) and "lora_a" in entry}
-    for name, kernel in _merged_kernels(adapted, cfg.scale).items():
-        layers[name] = {k: v for k, v in layers[name].items() if k not in ADAPTER_LEAVES} | {"kernel": kernel}
+    for name, weight in _merged_weights(adapted, cfg.scale).items():
+        layers[name] = {k: v for k, v in layers[name].items() if k not in ADAPTER_LEAVES} | {"weight": weight}
     return _with_layers(params, layers)
 
 
 @jax.jit
-def _merged_kernels(adapted: dict, scale):
-    """{name: kernel + scale * lora_a @ lora_b} for {name: {kernel, lora_a, lora_b}} (one program for all)."""
+def _merged_weights(adapted: dict, scale):
+    """{name: weight + scale * (lora_a @ lora_b).T} for {name: {weight, lora_a, lora_b}} (one program for all)."""
     out = {}
     for name, entry in adapted.items():
-        a, b, kernel = (jnp.asarray(entry[k], jnp.float32) for k in ("lora_a", "lora_b", "kernel"))
-        delta = jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
-        out[name] = (kernel + scale * delta).astype(entry["kernel"].dtype)
+        a, b, weight = (jnp.asarray(entry[k], jnp.float32) for k in ("lora_a", "lora_b", "weight"))
+        delta = jnp.einsum("lir,lro->loi", a, b, precision=jax.lax.Precision.HIGHEST)
+        out[name] = (weight + scale * delta).astype(entry["weight"].dtype)
     return out
 
 

@@ -64,11 +64,14 @@ from .sharded import ShardedFeed, TrainSharding, scalar
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 2e-5}  # the original's scripts
-# Settings a resumed run must share with the run it continues (else its data order or schedule differ).
+# Settings a resumed run must share with the run it continues (else its data order or schedule differ, or, for
+# param_layout, its saved weights would be read transposed: the state is saved as a flat list of arrays).
 RESUME_KEYS = ("stage", "data", "image_folder", "template", "lr", "warmup_ratio", "weight_decay", "batch_size",
                "grad_accum", "max_length", "seed", "train_vision_tower", "vision_lr", "truncate", "skip_bad",
-               "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
-RESUME_DEFAULTS = {"precision": "fp32"}  # settings added later: what a checkpoint written before them ran with
+               "precision", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "param_layout")
+PARAM_LAYOUT = "weight (out, in)"  # how Linear params are stored (`linear.Linear`)
+# settings added later: what a checkpoint written before them ran with
+RESUME_DEFAULTS = {"precision": "fp32", "param_layout": "kernel (in, out)"}
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,8 @@ def train(config: TrainConfig | None = None, *, on_step: Callable[[dict], None] 
     state = {"trainable": trainable, "opt_state": program.init(trainable),
              "key": key if placement is None else jax.device_put(key, placement.replicated)}
     main_process = jax.process_index() == 0  # multi-host: one process writes metrics and the model
-    settings = {k: getattr(cfg, k) for k in RESUME_KEYS} | {"template": template, "lr": cfg.learning_rate}
+    settings = {k: getattr(cfg, k) for k in RESUME_KEYS if k != "param_layout"} | {
+        "template": template, "lr": cfg.learning_rate, "param_layout": PARAM_LAYOUT}
     lora_settings = {} if lora is None else {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                                              "lora_targets": list(lora.targets)}  # as the JSON record holds them
     settings |= {k: lora_settings.get(k) for k in ("lora_alpha", "lora_dropout", "lora_targets")}

@@ -73,7 +73,8 @@ def cast_into(dest: np.ndarray, src: np.ndarray) -> None:
 def _to_bfloat16(dest: np.ndarray, codes: np.ndarray) -> None:
     index = np.empty(min(CHUNK, codes.size), np.intp)  # np.take widens any other index type in a temporary
     for start in range(0, codes.size, CHUNK):
-        part, idx = codes[start : start + CHUNK], index[: min(CHUNK, codes.size - start)]
+        part = codes[start : start + CHUNK]
+        idx = index[: part.size]
         np.copyto(idx, part)
         np.take(_BF16_BITS, idx, out=dest[start : start + CHUNK], mode="clip")  # measured faster than "raise"
 

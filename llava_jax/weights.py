@@ -100,7 +100,6 @@ class Target:
     path: tuple[str, ...]
     layer: int | None
     kind: str
-    leaf: str  # "weight"/"scale"/"bias"/...
 
 
 def canonical_name(name: str, layout: str) -> str | None:
@@ -132,7 +131,7 @@ def map_name(name: str, layout: str, config: LlavaConfig) -> Target | None:
             if kind == "norm" and groups.get("p") == "weight":
                 groups["p"] = "scale"
             path = tuple(template.format(**groups).split("/"))
-            return Target(path, layer, kind, path[-1])
+            return Target(path, layer, kind)
     raise CheckpointError(f"unexpected tensor {name!r} for the {layout} layout: llava-jax has no parameter for it")
 
 

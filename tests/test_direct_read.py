@@ -51,11 +51,11 @@ def per_tensor_params(path, dtype):
 
 # (dtype on disk, target dtype, panels): every target from fp16 (what llava-hf publishes), fp32 sources too; "small"
 # panels cut this toy model's tensors into many panels with ragged edges, as large models' are.
-@pytest.mark.parametrize("disk, dtype, tiles", [("float16", "float32", "small"), ("float16", "bfloat16", "small"),
+@pytest.mark.parametrize("disk, dtype, panels", [("float16", "float32", "small"), ("float16", "bfloat16", "small"),
                                                 ("float16", "float16", "default"), ("float32", "bfloat16", "default"),
                                                 ("float32", "float32", "small")])
-def test_safetensors_direct_read_is_bitwise_the_per_tensor_path(sources, disk, dtype, tiles, monkeypatch):
-    if tiles == "small":
+def test_safetensors_direct_read_is_bitwise_the_per_tensor_path(sources, disk, dtype, panels, monkeypatch):
+    if panels == "small":
         monkeypatch.setattr(direct_read, "PANEL_BYTES", 100)
     path = sources[disk]
     config = load_config(path)

@@ -207,6 +207,7 @@ def unstack_layers(params: dict) -> dict | None:
     return {**params, "language_model": {**params["language_model"], "layers": per_layer}}
 
 
+# ---- attention layouts ---------------------------------------------------------------------------------------
 def _heads_first(q, k, v):
     """q -> (batch, kv_heads, group, q_len, head_dim), scaled by 1/sqrt(head_dim); k, v -> (batch, kv_heads,
     kv_len, head_dim). Both matmuls then have the heads as batch dimensions and write their natural layout

@@ -34,10 +34,10 @@ def check_temperature(value) -> float:
 
 
 def check_top_p(value) -> float | None:
-    """None (off) or a number in (0, 1]."""
+    """None (off) or a number in (0, 1], positive also as the sampler's float32 (1e-233 would round to 0)."""
     if value is None:
         return None
-    if not _is_real(value) or not math.isfinite(value) or not 0 < value <= 1:
+    if not _is_real(value) or not math.isfinite(value) or not 0 < value <= 1 or not np.float32(value) > 0:
         raise SamplingError(f"top_p must be a number in (0, 1] (1 = off), got {value!r}")
     return float(value)
 

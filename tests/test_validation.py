@@ -100,3 +100,10 @@ def test_any_sampling_values_give_a_sampler_or_a_sampling_error(temperature, top
     assert isinstance(sampler, Sampling)
     t, k, p = float(sampler.temperature), int(sampler.k), float(sampler.p)
     assert math.isfinite(t) and t >= 0 and k >= 0 and 0 < p <= 1
+
+
+def test_top_p_that_rounds_to_zero_in_float32_is_refused():
+    """Found by the property test above: 1.3e-233 is in (0, 1] as a Python float but 0 as the sampler's float32."""
+    with pytest.raises(SamplingError, match=r"top_p must be a number in \(0, 1\]"):
+        validate_sampling(top_p=1.300560862568318e-233)
+    validate_sampling(top_p=1e-45)  # float32's smallest subnormal stays positive
